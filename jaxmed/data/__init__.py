@@ -1,0 +1,1 @@
+"""Data layer: NIfTI reading and writing, group discovery, splits and synthetic datasets."""
