@@ -1,0 +1,85 @@
+"""Command-line options shared by every `python -m train.<name>` program."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import jax
+
+
+# (option, type, help) of the training options; defaults come from the program.
+_TRAINING_OPTIONS = (
+    ("workdir", str, "work directory: checkpoints, metrics.jsonl, TensorBoard events; "
+     "a run resumes from its checkpoints"),
+    ("steps", int, "total training steps"),
+    ("batch_size", int, "global batch size over all devices and hosts"),
+    ("seed", int, "seed of initialisation, data order and augmentation"),
+    ("log_every", int, "steps between metric logs"),
+    ("checkpoint_every", int, "steps between checkpoints"),
+    ("eval_every", int, "steps between validations; 0 = only at the end"),
+    ("keep", int, "latest checkpoints to keep"),
+)
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, workdir: str,
+                      steps: int, batch_size: int, log_every: int = 50,
+                      checkpoint_every: int = 500, eval_every: int = 0,
+                      keep: int = 3, seed: int = 0) -> argparse.ArgumentParser:
+    """Add the common training and distributed options, with program defaults.
+
+    Training: `--workdir --steps --batch-size --seed --log-every
+    --checkpoint-every --eval-every --keep --progress/--no-progress`.
+    Distributed: `--coordinator-address --num-processes --process-id`
+    (see `init_distributed`).
+
+    **Returns:** `parser`, for chaining.
+    """
+    defaults = dict(workdir=workdir, steps=steps, batch_size=batch_size, seed=seed,
+                    log_every=log_every, checkpoint_every=checkpoint_every,
+                    eval_every=eval_every, keep=keep)
+    train = parser.add_argument_group("training")
+    for name, kind, text in _TRAINING_OPTIONS:
+        train.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name],
+                           help=text + " (default: %(default)s)")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       default=True, help="show a progress bar (default: %(default)s)")
+    _add_distributed_args(parser)
+    return parser
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    dist = parser.add_argument_group(
+        "distributed", "multi-host runs: start one process per host with the "
+        "same options except --process-id")
+    dist.add_argument("--coordinator-address", default=None,
+                      help="HOST:PORT of process 0, or 'auto' to detect the "
+                      "cluster (TPU pod, SLURM, ...); unset = single process")
+    dist.add_argument("--num-processes", type=int, default=None,
+                      help="number of processes (hosts)")
+    dist.add_argument("--process-id", type=int, default=None,
+                      help="index of this process, 0 .. num-processes-1")
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` from the parsed options, if requested.
+
+    Call it before anything else touches JAX devices.
+    """
+    address = args.coordinator_address
+    if address is None:
+        if args.num_processes not in (None, 1) or args.process_id not in (None, 0):
+            raise SystemExit("--num-processes/--process-id need --coordinator-address")
+        return
+    if address == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(address, args.num_processes, args.process_id)
+
+
+def fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `fit` keyword arguments that come from the common options."""
+    return dict(workdir=args.workdir, num_steps=args.steps,
+                log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                eval_every=args.eval_every or args.steps, keep=args.keep,
+                progress=args.progress)
