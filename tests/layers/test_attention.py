@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxmed.layers._attention import CBAM, ChannelAttention, SpatialAttention
+from jaxmed.layers import CBAM, ChannelAttention, SpatialAttention
 
 EPS = 1e-5  # BatchNorm epsilon of the layer conventions
 SHAPES = {"2d": (2, 5, 6, 8), "3d": (2, 3, 4, 5, 8)}

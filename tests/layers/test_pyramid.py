@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxmed.layers._pyramid import PyramidPooling, adaptive_avg_pool, resize_align_corners
+from jaxmed.layers import PyramidPooling, adaptive_avg_pool, resize_align_corners
 
 BN_EPS = 1e-5
 

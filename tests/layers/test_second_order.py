@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxmed.layers._second_order import SecondOrderPooling
+from jaxmed.layers import SecondOrderPooling
 from tests.layers.test_attention import EPS, np_batch_norm, np_dense, np_sigmoid, randomise_variables
 
 D = 3  # reduced channels

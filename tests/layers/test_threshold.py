@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxmed.layers._threshold import ThresholdSuppression, suppress_discriminative, suppress_irrelevant
+from jaxmed.layers import ThresholdSuppression, suppress_discriminative, suppress_irrelevant
 
 # ---------------------------------------------------------------- NumPy references
 
