@@ -14,7 +14,8 @@ import pytest
 from jax.test_util import check_grads
 from tensorly.tt_matrix import tt_matrix_to_tensor
 
-from jaxmed.layers import TTConv, TTDense, _choose_forward, tt_full_weight, tt_num_params
+from jaxmed.layers import TTConv, TTDense, tt_full_weight, tt_num_params
+from jaxmed.layers._tensor_train import _choose_forward
 
 
 def _param_shapes(module, x):
