@@ -88,8 +88,10 @@ def measure(case: Case, dtype: Any, warmup: int, repeats: int) -> dict[str, Any]
         return module.apply({"params": params, **state}, x)
 
     def loss(params, x):
-        y = module.apply({"params": params, **state}, x, mutable=list(state), **train_kwargs)
-        y = y[0] if state else y
+        if state:  # BatchNorm in training mode: batch statistics, updates discarded
+            y, _ = module.apply({"params": params, **state}, x, mutable=list(state), **train_kwargs)
+        else:
+            y = module.apply({"params": params}, x, **train_kwargs)
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
     fwd = time_jitted(forward, params, x, warmup=warmup, repeats=repeats)

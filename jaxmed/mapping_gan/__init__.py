@@ -1,0 +1,1 @@
+"""The mapping-GAN system (SPEC.md S0): study loading, the fused training step, application."""

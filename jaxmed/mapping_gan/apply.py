@@ -1,0 +1,82 @@
+"""Apply a trained mapping generator to NIfTI files: M(x), y = x + M(x) and a figure per input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmed.data import nifti
+from jaxmed.errors import InputDataError
+from jaxmed.mapping_gan.figures import key_feature_figure
+from jaxmed.mapping_gan.steps import MappingGan, build_mapping_gan
+from jaxmed.training import Checkpoints, TrainState
+
+
+def load_trained(workdir: str | Path, which: str = "best") -> tuple[MappingGan, TrainState, dict]:
+    """The run's networks and trained state (`which`: 'best', falling back to 'latest')."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise InputDataError(f"{config_path}: not found; is {workdir} a mapping-GAN work directory?")
+    config = json.loads(config_path.read_text())
+    gan = build_mapping_gan(config)
+    # The critic's head sees the training volumes' (padded) shape, so its parameters do too.
+    example = jnp.zeros((1, *config["input_shape"]), jnp.float32)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            jax.eval_shape(lambda: gan.init_state(example, config["seed"])))
+    checkpoints = Checkpoints(str(workdir), keep=1, best_metric=config["best_metric"],
+                              best_mode=config["best_mode"])
+    try:
+        if which == "best" and checkpoints.best_step() is not None:
+            _, state = checkpoints.restore_best(abstract)
+        elif checkpoints.latest_step() is not None:
+            state, _ = checkpoints.restore(checkpoints.latest_step(), abstract)
+        else:
+            raise InputDataError(f"{workdir}: no checkpoint to apply (train first)")
+    finally:
+        checkpoints.close()
+    return gan, state, config
+
+
+def _prepared(volume: nifti.Volume, config: dict, path: str) -> np.ndarray:
+    """(X, Y, Z, C) → the model's layout, checking channels and dimensionality."""
+    if volume.channels != config["channels"]:
+        raise InputDataError(f"{path}: has {volume.channels} channel(s), the model was trained on "
+                             f"{config['channels']}")
+    if config["spatial_dims"] == 2:
+        if volume.spatial_shape[2] != 1:
+            raise InputDataError(f"{path}: a 3-D volume, but the model is 2-D")
+        return volume.data[:, :, 0, :]
+    return volume.data
+
+
+def apply_to_files(workdir: str, inputs: Sequence[str], output: str, which: str = "best") -> list[Path]:
+    """For each input writes `<name>_map.nii.gz` (M(x)), `<name>_mapped.nii.gz` (y) with the
+    input's affine and header, and `<name>.png`. Values are in the normalised [-1, 1] units
+    the model works in. Returns the written paths."""
+    gan, state, config = load_trained(workdir, which)
+    generator = jax.jit(lambda s, x: gan.key_feature_map(s, x))
+    out = Path(output)
+    written = []
+    for path in inputs:
+        volume = nifti.read_normalised(path, config["normalisation"], tuple(config["percentiles"]))
+        x = _prepared(volume, config, path)
+        padded, crop = nifti.pad_to_multiple(x, gan.generator.total_downsampling)
+        m = nifti.crop_back(np.asarray(generator(state, jnp.asarray(padded[None]))[0], np.float32), crop)
+        y = x + m
+        if config["spatial_dims"] == 2:  # back to the file's (X, Y, 1, C) layout
+            m, y = m[:, :, None], y[:, :, None]
+        name = Path(path).name.split(".nii")[0]
+        written.append(nifti.write_like(volume, m, out / f"{name}_map.nii.gz"))
+        written.append(nifti.write_like(volume, y, out / f"{name}_mapped.nii.gz"))
+        anatomy, key_map = volume.data[..., 0], m.sum(-1)
+        if config["spatial_dims"] == 2:
+            anatomy, key_map = anatomy[:, :, 0], key_map[:, :, 0]
+        written.append(key_feature_figure(anatomy, key_map, out / f"{name}.png", title=f"{name}: M(x)"))
+    return written

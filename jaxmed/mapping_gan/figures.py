@@ -1,0 +1,52 @@
+"""PNG figures of key feature maps: orthogonal slices of the input with M(x) overlaid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _slices(volume: np.ndarray, centre: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
+    """The three orthogonal slices through `centre` of an (X, Y, Z) volume; a 2-D image as is."""
+    if volume.ndim == 2:
+        return [("image", volume.T)]
+    x, y, z = centre
+    return [("sagittal (x)", volume[x].T), ("coronal (y)", volume[:, y].T), ("axial (z)", volume[:, :, z].T)]
+
+
+def key_feature_figure(image: np.ndarray, key_feature_map: np.ndarray, path: str | os.PathLike,
+                       title: str = "", effect: np.ndarray | None = None) -> Path:
+    """Writes a PNG: orthogonal slices of `image` with `key_feature_map` overlaid (diverging
+    colours, symmetric range, colour bar); a row with the ground truth when `effect` is given.
+
+    **Arguments:** `image`, `key_feature_map`, `effect`: `(X, Y)` or `(X, Y, Z)` arrays (one
+    channel); slices pass through the voxel where |M(x)| is largest.
+    """
+    centre = np.unravel_index(np.argmax(np.abs(key_feature_map)), key_feature_map.shape)
+    rows = [("M(x)", key_feature_map)] + ([("ground truth", effect)] if effect is not None else [])
+    panels = len(_slices(image, centre))
+    fig, axes = plt.subplots(len(rows), panels, figsize=(3.2 * panels + 1, 3.2 * len(rows)), squeeze=False)
+    for r, (name, overlay) in enumerate(rows):
+        limit = float(np.abs(overlay).max()) or 1.0
+        for c, ((view, anatomy), (_, over)) in enumerate(zip(_slices(image, centre), _slices(overlay, centre))):
+            ax = axes[r, c]
+            ax.imshow(anatomy, cmap="gray", origin="lower")
+            shown = ax.imshow(np.ma.masked_where(np.abs(over) < 0.05 * limit, over), cmap="coolwarm",
+                              vmin=-limit, vmax=limit, alpha=0.8, origin="lower")
+            ax.set_title(f"{name}: {view}", fontsize=9)
+            ax.axis("off")
+        fig.colorbar(shown, ax=axes[r].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

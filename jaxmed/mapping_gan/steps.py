@@ -1,0 +1,197 @@
+"""The mapping GAN's fused training step and its validation.
+
+One jitted step runs all critic updates of a generator step (a `lax.scan`, not a Python loop)
+followed by the generator update, on a batch that carries the data for all of them (see
+`jaxmed.mapping_gan.data.StepBatches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxmed import losses
+from jaxmed.metrics import ncc
+from jaxmed.models.mapping_gan import Critic, UNet, mapped
+from jaxmed.training import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class GanConfig:
+    """What the step needs besides the networks.
+
+    - `l1_weight`: λ of the generator's λ·mean|M(x)|.
+    - `lipschitz`: 'gradient-penalty' (default) or 'clip'.
+    - `gp_weight`: weight of the gradient penalty; `clip`: the weight-clipping bound.
+    - `learning_rate`, `b1`, `b2`: Adam for both networks (VA-GAN: 1e-4, 0, 0.9).
+    """
+
+    l1_weight: float = 100.0
+    lipschitz: str = "gradient-penalty"
+    gp_weight: float = 10.0
+    clip: float = 0.01
+    learning_rate: float = 1e-4
+    b1: float = 0.0
+    b2: float = 0.9
+
+    def __post_init__(self):
+        if self.lipschitz not in ("gradient-penalty", "clip"):
+            raise ValueError(f"lipschitz must be 'gradient-penalty' or 'clip', got {self.lipschitz!r}")
+
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.learning_rate, b1=self.b1, b2=self.b2)
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingGan:
+    """The generator, the critic and the step/validation functions built from them."""
+
+    generator: UNet
+    critic: Critic
+    config: GanConfig
+
+    # ------------------------------------------------------------------ state
+
+    def init_state(self, example: jax.Array, seed: int) -> TrainState:
+        """A step-0 state for inputs shaped like `example` `(B, *S, C)` (jit-compatible)."""
+        key = jax.random.key_data(jax.random.key(seed))
+        g_key, d_key, rng = jax.random.split(jax.random.wrap_key_data(key), 3)
+        g_vars = self.generator.init(g_key, example)
+        d_vars = self.critic.init(d_key, example)
+        tx = self.config.optimizer()
+        return TrainState.create(
+            params={"generator": g_vars["params"], "critic": d_vars["params"]},
+            tx={"generator": tx, "critic": tx}, rng=jax.random.key_data(rng),
+            batch_stats={"generator": g_vars.get("batch_stats", {}),
+                         "critic": d_vars.get("batch_stats", {})})
+
+    # ---------------------------------------------------------- network calls
+
+    def key_feature_map(self, state: TrainState, x: jax.Array, train: bool = False):
+        """M(x) `(B, *S, C)`; in training mode also the generator's new BatchNorm statistics."""
+        variables = {"params": state.params["generator"], "batch_stats": state.batch_stats["generator"]}
+        if not train:
+            return self.generator.apply(variables, x, train=False)
+        return self.generator.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    def _critic_fn(self, params, batch_stats, train: bool):
+        """`volumes (B, *S, C) -> scores (B,)` for fixed critic variables (statistics discarded)."""
+
+        def score(v):
+            variables = {"params": params, "batch_stats": batch_stats}
+            if train and batch_stats:
+                return self.critic.apply(variables, v, train=True, mutable=["batch_stats"])[0]
+            return self.critic.apply(variables, v, train=train)
+
+        return score
+
+    # ------------------------------------------------------------------- step
+
+    def train_step(self, state: TrainState, batch: dict[str, jax.Array]):
+        """All critic updates of one generator step, then the generator update.
+
+        **Arguments:** `batch = {'negative': (B, k, *S, C), 'positive': (B, k + 1, *S, C)}`.
+
+        **Returns:** `(state, metrics)`; `metrics['loss']` is the generator's loss.
+        """
+        negative = jnp.moveaxis(batch["negative"], 1, 0)  # [k, B, *S, C]
+        positive = jnp.moveaxis(batch["positive"], 1, 0)  # [k + 1, B, *S, C]
+        keys = jax.random.split(state.step_key(), negative.shape[0])
+        tx = self.config.optimizer()
+
+        def critic_update(state, inputs):
+            neg, pos, key = inputs
+            m, _ = self.key_feature_map(state, pos, train=True)
+            fake = jax.lax.stop_gradient(mapped(pos, m))
+            (loss, parts), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
+                state.params["critic"], state.batch_stats["critic"], neg, fake, key)
+            state = state.apply_gradients(tx, grads, network="critic")
+            if self.config.lipschitz == "clip":
+                state = state.replace(params={**state.params,
+                                              "critic": losses.clip_weights(state.params["critic"], self.config.clip)})
+            return state, parts
+
+        state, critic_parts = jax.lax.scan(critic_update, state, (negative, positive[:-1], keys))
+        (g_loss, (g_parts, g_stats)), g_grads = jax.value_and_grad(self._generator_loss, has_aux=True)(
+            state.params["generator"], state, positive[-1])
+        state = state.apply_gradients(tx, g_grads, network="generator")
+        state = state.replace(batch_stats={**state.batch_stats, "generator": g_stats})
+        metrics = {"loss": g_loss, **{f"generator_{k}": v for k, v in g_parts.items()},
+                   **{k: v[-1] for k, v in critic_parts.items()}}
+        return state, metrics
+
+    def _critic_loss(self, critic_params, critic_stats, negative, fake, key):
+        score = self._critic_fn(critic_params, critic_stats, train=True)
+        w = losses.wasserstein_estimate(score(negative), score(fake))
+        loss = -w
+        parts = {"critic_loss": loss, "wasserstein": w}
+        if self.config.lipschitz == "gradient-penalty":
+            gp = losses.gradient_penalty(score, negative, fake, key, self.config.gp_weight)
+            loss = loss + gp
+            parts = {**parts, "critic_loss": loss, "gradient_penalty": gp}
+        return loss, parts
+
+    def _generator_loss(self, generator_params, state: TrainState, positive):
+        state = state.replace(params={**state.params, "generator": generator_params})
+        m, updates = self.key_feature_map(state, positive, train=True)
+        score = self._critic_fn(state.params["critic"], state.batch_stats["critic"], train=False)
+        loss, parts = losses.generator_loss(score(mapped(positive, m)), m, self.config.l1_weight)
+        return loss, (parts, updates["batch_stats"])
+
+    # ------------------------------------------------------------- validation
+
+    def validation_metrics(self, state: TrainState, data: dict[str, jax.Array],
+                           crop: tuple[slice, ...] = ()) -> dict[str, jax.Array]:
+        """Validation Wasserstein estimate and, with ground truth, mean NCC of M(x) (cropped)."""
+        m = self.key_feature_map(state, data["positive"])
+        score = self._critic_fn(state.params["critic"], state.batch_stats["critic"], train=False)
+        out = {"val_wasserstein": losses.wasserstein_estimate(score(data["negative"]),
+                                                              score(mapped(data["positive"], m))),
+               "val_l1": jnp.mean(jnp.abs(m))}
+        if "effect" in data:
+            m_c, gt = m[(Ellipsis, *crop, slice(None))], data["effect"][(Ellipsis, *crop, slice(None))]
+            # Channels of M are summed into one map, as the ground truth has one channel.
+            scores = ncc(jnp.sum(m_c, -1), gt[..., 0], axis=tuple(range(1, gt.ndim - 1)))
+            out["val_ncc"] = jnp.mean(scores)
+        return out
+
+
+# ----------------------------------------------------------------- configuration
+
+
+def build_mapping_gan(config: dict) -> MappingGan:
+    """The networks and step from a run's saved configuration (see `train/mapping_gan.py`)."""
+    dtype = jnp.dtype(config["dtype"])
+    generator = UNet(features=tuple(config["generator_features"]), norm=config["generator_norm"], dtype=dtype)
+    critic = Critic(kind=config["critic"], widths=tuple(config["critic_widths"]),
+                    growth_rate=config["critic_growth"], layers_per_block=config["critic_layers"],
+                    norm=config["critic_norm"], reduced_channels=config["critic_pooling_channels"],
+                    head_features=config["critic_head"], tt_rank=config["tt_rank"], dtype=dtype)
+    gan_config = GanConfig(l1_weight=config["l1_weight"], lipschitz=config["lipschitz"],
+                           gp_weight=config["gp_weight"], clip=config["clip"],
+                           learning_rate=config["learning_rate"])
+    return MappingGan(generator, critic, gan_config)
+
+
+def chunked_validation(gan: MappingGan, data: dict, crop: tuple[slice, ...], chunk: int):
+    """`state -> metrics` averaged over chunks of at most `chunk` validation subjects, each
+    chunk one jitted call (memory stays bounded for large validation sets)."""
+    metric_fn = jax.jit(lambda state, part: gan.validation_metrics(state, part, crop))
+    n = min(len(v) for v in data.values())
+    starts = range(0, n, chunk)
+
+    def evaluate(state):
+        totals, count = {}, 0
+        for s in starts:
+            part = {k: v[s:s + chunk] for k, v in data.items()}
+            size = min(chunk, n - s)
+            for name, value in metric_fn(state, part).items():
+                totals[name] = totals.get(name, 0.0) + value * size
+            count += size
+        return {name: value / count for name, value in totals.items()}
+
+    return evaluate
