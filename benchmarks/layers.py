@@ -41,13 +41,13 @@ def build_cases(args: argparse.Namespace, dtype: Any) -> list[Case]:
     kernel = (3,) * args.dims
     fmap = (b, *spatial, c)
     modes = _two_modes(c)
-    dense_in = 4 * c
+    dense_in = args.dense_features
     dense_modes = _two_modes(dense_in)
     common = dict(dtype=dtype)
     return [
-        Case("Dense", nn.Dense(dense_in, **common), (b * 64, dense_in)),
+        Case("Dense", nn.Dense(dense_in, **common), (b * 16, dense_in)),
         Case(f"TTDense r={args.rank}", L.TTDense(dense_modes, dense_modes, ranks=args.rank, **common),
-             (b * 64, dense_in), "Dense"),
+             (b * 16, dense_in), "Dense"),
         Case("Conv", nn.Conv(c, kernel, **common), fmap),
         Case(f"TTConv r={args.rank} cores", L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel,
                                                      forward="cores", **common), fmap, "Conv"),
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None,
                         help="spatial size per axis (default 32 in 2-D, 16 in 3-D)")
     parser.add_argument("--channels", type=int, default=64, help="feature channels of the inputs")
+    parser.add_argument("--dense-features", type=int, default=4096,
+                        help="input = output features of the Dense / TTDense pair")
     parser.add_argument("--rank", type=int, default=8, help="tensor-train rank of the TT layers")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
