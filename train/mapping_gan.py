@@ -81,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update (default: %(default)s)")
     g.add_argument("--n-critic-warmup", type=int, default=25,
                    help="critic updates in warm-up steps (VA-GAN: 100; lower for CPU) (default: %(default)s)")
-    g.add_argument("--warmup-steps", type=int, default=10,
+    g.add_argument("--warmup-steps", type=int, default=5,
                    help="first generator steps with --n-critic-warmup (VA-GAN: 25) (default: %(default)s)")
     g.add_argument("--warmup-every", type=int, default=100,
                    help="also every this many generator steps (default: %(default)s)")
     o = parser.add_argument_group("outputs")
     o.add_argument("--figures", type=int, default=4, help="validation subjects drawn as PNG (default: %(default)s)")
     o.add_argument("--val-chunk", type=int, default=16, help="validation subjects per jitted call (default: %(default)s)")
-    add_training_args(parser, workdir="runs/mapping_gan", steps=300, batch_size=8,
-                      log_every=10, checkpoint_every=50, eval_every=50, keep=3)
+    add_training_args(parser, workdir="runs/mapping_gan", steps=100, batch_size=4,
+                      log_every=5, checkpoint_every=25, eval_every=25, keep=3)
     return parser
 
 
