@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lipschitz", choices=("gradient-penalty", "clip"), default="gradient-penalty",
                    help="critic Lipschitz constraint (default: %(default)s)")
     g.add_argument("--gp-weight", type=float, default=10.0, help="gradient-penalty weight (default: %(default)s)")
-    g.add_argument("--clip", type=float, default=0.01, help="weight-clipping bound (default: %(default)s)")
+    g.add_argument("--clip", type=float, default=0.01,
+                   help="weight-clipping bound, applied to every critic parameter; with --critic tt each TT "
+                        "core is clipped, so kernels shrink like clip^(cores): use a larger bound (0.1-0.5) "
+                        "there (default: %(default)s)")
     g.add_argument("--learning-rate", type=float, default=1e-4, help="Adam lr, β1=0, β2=0.9 (default: %(default)s)")
     g.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update (default: %(default)s)")
     g.add_argument("--n-critic-warmup", type=int, default=25,

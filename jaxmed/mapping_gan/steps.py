@@ -26,7 +26,11 @@ class GanConfig:
 
     - `l1_weight`: λ of the generator's λ·mean|M(x)|.
     - `lipschitz`: 'gradient-penalty' (default) or 'clip'.
-    - `gp_weight`: weight of the gradient penalty; `clip`: the weight-clipping bound.
+    - `gp_weight`: weight of the gradient penalty; `clip`: the weight-clipping bound, applied to
+      every critic parameter as in the original WGAN. For a TT critic each core is clipped, so
+      the effective kernel entries are bounded by about clip^(number of cores): 0.01 flattens
+      such a critic (measured score spread ~1e-18 at initialisation); use 0.1-0.5 there, or
+      the gradient penalty (the default).
     - `learning_rate`, `b1`, `b2`: Adam for both networks (VA-GAN: 1e-4, 0, 0.9).
     """
 
@@ -144,20 +148,44 @@ class MappingGan:
 
     # ------------------------------------------------------------- validation
 
+    def validation_sums(self, state: TrainState, data: dict[str, jax.Array],
+                        crop: tuple[slice, ...] = ()) -> dict[str, jax.Array]:
+        """Per-group sums over the subjects in `data` (either group may be absent), so that
+        chunks of different sizes and unequal groups combine exactly (`combine_validation`).
+
+        `positive` (and `effect`): Σ D(x + M(x)), Σ mean|M(x)| and, with ground truth, Σ NCC
+        of M(x) (channels summed, padding cropped) against the one-channel ground truth.
+        `negative`: Σ D(x).
+        """
+        score = self._critic_fn(state.params["critic"], state.batch_stats["critic"], train=False)
+        out = {}
+        if "negative" in data:
+            out["negative_score"] = jnp.sum(score(data["negative"]))
+        if "positive" in data:
+            positive = data["positive"]
+            m = self.key_feature_map(state, positive)
+            per_subject = tuple(range(1, m.ndim))
+            out["mapped_score"] = jnp.sum(score(mapped(positive, m)))
+            out["l1"] = jnp.sum(jnp.mean(jnp.abs(m), axis=per_subject))
+            if "effect" in data:
+                m_c, gt = m[(Ellipsis, *crop, slice(None))], data["effect"][(Ellipsis, *crop, slice(None))]
+                out["ncc"] = jnp.sum(ncc(jnp.sum(m_c, -1), gt[..., 0], axis=tuple(range(1, gt.ndim - 1))))
+        return out
+
     def validation_metrics(self, state: TrainState, data: dict[str, jax.Array],
                            crop: tuple[slice, ...] = ()) -> dict[str, jax.Array]:
-        """Validation Wasserstein estimate and, with ground truth, mean NCC of M(x) (cropped)."""
-        m = self.key_feature_map(state, data["positive"])
-        score = self._critic_fn(state.params["critic"], state.batch_stats["critic"], train=False)
-        out = {"val_wasserstein": losses.wasserstein_estimate(score(data["negative"]),
-                                                              score(mapped(data["positive"], m))),
-               "val_l1": jnp.mean(jnp.abs(m))}
-        if "effect" in data:
-            m_c, gt = m[(Ellipsis, *crop, slice(None))], data["effect"][(Ellipsis, *crop, slice(None))]
-            # Channels of M are summed into one map, as the ground truth has one channel.
-            scores = ncc(jnp.sum(m_c, -1), gt[..., 0], axis=tuple(range(1, gt.ndim - 1)))
-            out["val_ncc"] = jnp.mean(scores)
-        return out
+        """Validation Wasserstein estimate, mean |M(x)| and, with ground truth, mean NCC of M(x)."""
+        sums = self.validation_sums(state, data, crop)
+        return combine_validation(sums, len(data["positive"]), len(data["negative"]))
+
+
+def combine_validation(sums: dict, positives: int, negatives: int) -> dict:
+    """Means from `MappingGan.validation_sums` totals over `positives` and `negatives` subjects."""
+    out = {"val_wasserstein": sums["negative_score"] / negatives - sums["mapped_score"] / positives,
+           "val_l1": sums["l1"] / positives}
+    if "ncc" in sums:
+        out["val_ncc"] = sums["ncc"] / positives
+    return out
 
 
 # ----------------------------------------------------------------- configuration
@@ -178,20 +206,18 @@ def build_mapping_gan(config: dict) -> MappingGan:
 
 
 def chunked_validation(gan: MappingGan, data: dict, crop: tuple[slice, ...], chunk: int):
-    """`state -> metrics` averaged over chunks of at most `chunk` validation subjects, each
-    chunk one jitted call (memory stays bounded for large validation sets)."""
-    metric_fn = jax.jit(lambda state, part: gan.validation_metrics(state, part, crop))
-    n = min(len(v) for v in data.values())
-    starts = range(0, n, chunk)
+    """`state -> metrics` over all validation subjects, each group in chunks of at most `chunk`
+    subjects (one jitted call each), so memory stays bounded for large validation sets."""
+    sums_fn = jax.jit(lambda state, part: gan.validation_sums(state, part, crop))
+    groups = {"positive": [k for k in ("positive", "effect") if k in data], "negative": ["negative"]}
+    counts = {g: len(data[g]) for g in groups}
 
     def evaluate(state):
-        totals, count = {}, 0
-        for s in starts:
-            part = {k: v[s:s + chunk] for k, v in data.items()}
-            size = min(chunk, n - s)
-            for name, value in metric_fn(state, part).items():
-                totals[name] = totals.get(name, 0.0) + value * size
-            count += size
-        return {name: value / count for name, value in totals.items()}
+        totals = {}
+        for group, keys in groups.items():
+            for s in range(0, counts[group], chunk):
+                for name, value in sums_fn(state, {k: data[k][s:s + chunk] for k in keys}).items():
+                    totals[name] = totals.get(name, 0.0) + value
+        return combine_validation(totals, counts["positive"], counts["negative"])
 
     return evaluate

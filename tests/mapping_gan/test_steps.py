@@ -1,0 +1,314 @@
+"""The mapping GAN's fused step, its schedule, its batches and its validation, in-process.
+
+- `MappingGan.train_step` under `jax.jit`: both networks change; with weight clipping the step
+  equals k critic updates followed by one generator update written out in the test (Flax
+  `apply` + optax Adam, a Python loop instead of the step's `lax.scan`), and every critic
+  parameter ends inside ±clip.
+- `critic_updates` (the VA-GAN schedule) and `StepBatches` (per-step batches, deterministic).
+- `validation_metrics`: NCC against a NumPy Pearson correlation of the cropped maps.
+
+States are filled from NumPy (no initialiser compiles); the program tests cover the real
+initialisation.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmed.mapping_gan import data
+from jaxmed.mapping_gan.steps import build_mapping_gan, chunked_validation
+from jaxmed.training import TrainState
+
+# The program's options, tiny (as `python -m train.mapping_gan` would save them in config.json).
+CONFIG = dict(generator_features=(4, 8), generator_norm="batch", critic="tt", critic_widths=(4, 8),
+              critic_growth=4, critic_layers=1, critic_norm="layer", critic_pooling_channels=4,
+              critic_head=4, tt_rank=2, dtype="float32", l1_weight=100.0, lipschitz="gradient-penalty",
+              gp_weight=10.0, clip=0.01, learning_rate=1e-3)
+SHAPE = (8, 8, 8, 1)  # one volume (X, Y, Z, C)
+K, B = 2, 2  # critic updates per step, batch size
+
+
+def _state(gan, example, seed=0) -> TrainState:
+    """A step-0 state with the shapes of `gan.init_state`, values from NumPy: kernels and TT
+    cores N(0, 1/fan-in) (fan-in: all but the last axis), norm scales 1, biases small."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name == "mean":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return jnp.asarray(0.1 * rng.normal(size=leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(max(np.prod(leaf.shape[:-1]), 1)), leaf.dtype)
+
+    key = jax.random.key(0)
+    g = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(gan.generator.init, key, example))
+    d = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(gan.critic.init, key, example))
+    tx = gan.config.optimizer()
+    return TrainState.create(params={"generator": g["params"], "critic": d["params"]},
+                             tx={"generator": tx, "critic": tx}, rng=jax.random.key_data(jax.random.key(seed)),
+                             batch_stats={"generator": g["batch_stats"], "critic": d.get("batch_stats", {})})
+
+
+def _batch(k=K, seed=1):
+    rng = np.random.default_rng(seed)
+    return {"negative": rng.uniform(-1, 1, (B, k, *SHAPE)).astype(np.float32),
+            "positive": rng.uniform(-1, 1, (B, k + 1, *SHAPE)).astype(np.float32)}
+
+
+def _adam_counts(state) -> dict[str, int]:
+    """Optimiser updates applied to each network (optax Adam's `count`)."""
+    return {name: int(opt[0].count) for name, opt in state.opt_state.items()}
+
+
+def _flat(tree) -> dict[str, jax.Array]:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _leaves_changed(before, after) -> list[bool]:
+    return [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+
+
+# --------------------------------------------------------------------------- the fused step
+
+
+def test_gradient_penalty_step_updates_both_networks_under_jit():
+    gan = build_mapping_gan(CONFIG)
+    state = _state(gan, jnp.zeros((1, *SHAPE)))
+    new, metrics = jax.jit(gan.train_step)(state, _batch())
+
+    assert all(_leaves_changed(state.params["generator"], new.params["generator"]))
+    # Every critic weight changes. (Some biases legitimately do not: the score's bias cancels in
+    # E_neg[D] - E_pos[D] and has no input gradient, and so does a hidden bias whose units are
+    # active alike for both groups.)
+    weights = {k: v for k, v in _flat(state.params["critic"]).items() if not k.endswith("['bias']")}
+    after = _flat(new.params["critic"])
+    assert [k for k, v in weights.items() if np.array_equal(v, after[k])] == []
+    assert all(_leaves_changed(state.batch_stats["generator"], new.batch_stats["generator"]))
+    assert _adam_counts(new) == {"generator": 1, "critic": K}  # k critic updates, one generator update
+    assert int(new.step) == 0  # the training loop advances it
+
+    metrics = {k: float(v) for k, v in metrics.items()}
+    assert {"loss", "critic_loss", "wasserstein", "gradient_penalty"} <= metrics.keys()
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["gradient_penalty"] > 0
+    np.testing.assert_allclose(metrics["critic_loss"], -metrics["wasserstein"] + metrics["gradient_penalty"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], metrics["generator_adversarial"]
+                               + CONFIG["l1_weight"] * metrics["generator_l1"], rtol=1e-5)
+
+
+def _reference_step(gan, state, batch, k):
+    """k critic updates (clipped) then one generator update, written out with Flax and optax.
+
+    Returns the expected new parameters, generator statistics and generator loss, plus the
+    critic's parameters after its first update only.
+    """
+    cfg = gan.config
+    tx = optax.adam(cfg.learning_rate, b1=0.0, b2=0.9)
+    g_params, g_stats = state.params["generator"], state.batch_stats["generator"]
+    d_params, d_opt = state.params["critic"], state.opt_state["critic"]
+
+    def key_feature_map(params, x):  # training mode: batch statistics, updated running stats
+        m, updates = gan.generator.apply({"params": params, "batch_stats": g_stats}, x, train=True,
+                                         mutable=["batch_stats"])
+        return m, updates["batch_stats"]
+
+    history = []
+    for i in range(k):
+        negative, positive = batch["negative"][:, i], batch["positive"][:, i]
+        fake = positive + key_feature_map(g_params, positive)[0]
+
+        def critic_loss(params):  # -(E_neg[D] - E_pos[D(x + M(x))])
+            def score(v):
+                return gan.critic.apply({"params": params}, v, train=True)
+            return jnp.mean(score(fake)) - jnp.mean(score(negative))
+
+        updates, d_opt = tx.update(jax.grad(critic_loss)(d_params), d_opt, d_params)
+        d_params = jax.tree.map(lambda p, u: jnp.clip(p + u, -cfg.clip, cfg.clip), d_params, updates)
+        history.append(d_params)
+
+    positive = batch["positive"][:, k]
+
+    def generator_loss(params):  # -E_pos[D(x + M(x))] + λ mean|M(x)|
+        m, stats = key_feature_map(params, positive)
+        score = gan.critic.apply({"params": d_params}, positive + m)
+        return -jnp.mean(score) + cfg.l1_weight * jnp.mean(jnp.abs(m)), stats
+
+    (loss, stats), grads = jax.value_and_grad(generator_loss, has_aux=True)(g_params)
+    updates, _ = tx.update(grads, state.opt_state["generator"], g_params)
+    return dict(generator=optax.apply_updates(g_params, updates), critic=d_params, stats=stats, loss=loss,
+                critic_after_first=history[0])
+
+
+def _assert_trees_close(got, expected, what):
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+def test_clip_step_is_k_critic_updates_then_a_generator_update():
+    clip = 0.2  # large enough that the clipped critic still tells volumes apart
+    gan = build_mapping_gan({**CONFIG, "lipschitz": "clip", "clip": clip})
+    state, batch = _state(gan, jnp.zeros((1, *SHAPE))), _batch()
+    assert max(float(jnp.abs(p).max()) for p in jax.tree.leaves(state.params["critic"])) > clip
+    new, metrics = jax.jit(gan.train_step)(state, batch)
+    expected = jax.jit(_reference_step, static_argnums=(0, 3))(gan, state, batch, K)
+
+    _assert_trees_close(new.params["critic"], expected["critic"], "critic")
+    _assert_trees_close(new.params["generator"], expected["generator"], "generator")
+    _assert_trees_close(new.batch_stats["generator"], expected["stats"], "batch_stats")
+    np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-5)
+    # The second critic update did something: one update would have left other parameters.
+    assert any(_leaves_changed(expected["critic_after_first"], new.params["critic"]))
+    assert _adam_counts(new) == {"generator": 1, "critic": K}
+
+    leaves = [np.abs(np.asarray(p)) for p in jax.tree.leaves(new.params["critic"])]
+    bound = np.float32(clip)  # the parameters' dtype
+    assert all(p.max() <= bound for p in leaves)
+    assert sum(int((p == bound).sum()) for p in leaves) > 10  # clipping was active
+    assert {"loss", "critic_loss", "wasserstein"} <= metrics.keys() and "gradient_penalty" not in metrics
+    np.testing.assert_allclose(metrics["critic_loss"], -metrics["wasserstein"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------- schedule and batches
+
+
+def test_critic_updates_schedule():
+    # VA-GAN defaults: 100 during the first 25 generator steps and every 100th, else 5.
+    expected = {0: 100, 1: 100, 24: 100, 25: 5, 26: 5, 99: 5, 100: 100, 101: 5, 150: 5, 200: 100, 1000: 100}
+    for step, k in expected.items():
+        assert data.critic_updates(step) == k, step
+    schedule = dict(n_critic=3, n_critic_warmup=7, warmup_steps=2, warmup_every=10)
+    got = [data.critic_updates(s, **schedule) for s in range(22)]
+    assert got == [7, 7] + [3] * 8 + [7] + [3] * 9 + [7, 3]
+    assert [data.critic_updates(s, n_critic=3, n_critic_warmup=7, warmup_steps=1, warmup_every=0)
+            for s in range(4)] == [7, 3, 3, 3]  # warmup_every=0: no periodic warm-up
+
+
+SCHEDULE = dict(n_critic=2, n_critic_warmup=4, warmup_steps=1, warmup_every=100)
+
+
+def _groups(n_pos=6, n_neg=5, shape=(4, 4, 1)):
+    """Every subject constant at its own id: positives 100 + i, negatives -(1 + i)."""
+    pos = np.stack([np.full(shape, 100.0 + i, np.float32) for i in range(n_pos)])
+    neg = np.stack([np.full(shape, -(1.0 + i), np.float32) for i in range(n_neg)])
+    return pos, neg
+
+
+def _ids(x):
+    """(b, k, *S, C) batch of constant subjects -> (b, k) subject values."""
+    flat = x.reshape(*x.shape[:2], -1)
+    assert (flat == flat[..., :1]).all()
+    return flat[..., 0]
+
+
+def test_step_batches_shapes_groups_and_determinism():
+    pos, neg = _groups()
+    batches = data.StepBatches(pos, neg, 3, seed=5, schedule=SCHEDULE)
+    warm, normal = batches[0], batches[7]
+    assert warm["negative"].shape == (3, 4, 4, 4, 1) and warm["positive"].shape == (3, 5, 4, 4, 1)
+    assert normal["negative"].shape == (3, 2, 4, 4, 1) and normal["positive"].shape == (3, 3, 4, 4, 1)
+
+    for step in (0, 7):
+        again = data.StepBatches(pos.copy(), neg.copy(), 3, seed=5, schedule=SCHEDULE)[step]
+        for name in ("negative", "positive"):
+            np.testing.assert_array_equal(batches[step][name], again[name])
+            np.testing.assert_array_equal(batches[step][name], batches[step][name])
+    for other in (batches[8], data.StepBatches(pos, neg, 3, seed=6, schedule=SCHEDULE)[7]):
+        assert not np.array_equal(normal["positive"], other["positive"])
+        assert not np.array_equal(normal["negative"], other["negative"])
+
+    for step in range(6):
+        batch = batches[step]
+        neg_ids, pos_ids = _ids(batch["negative"]), _ids(batch["positive"])
+        assert set(neg_ids.ravel()) <= set(-(1.0 + np.arange(5)))
+        assert set(pos_ids.ravel()) <= set(100.0 + np.arange(6))
+        for ids in (*neg_ids.T, *pos_ids.T):  # each minibatch draws without replacement
+            assert len(set(ids)) == len(ids)
+
+
+def test_step_batches_larger_than_a_group_and_the_grain_stream():
+    pos, neg = _groups(n_pos=2, n_neg=2)
+    batch = data.StepBatches(pos, neg, 5, seed=0, schedule=SCHEDULE)[3]  # with replacement
+    assert batch["negative"].shape == (5, 2, 4, 4, 1) and batch["positive"].shape == (5, 3, 4, 4, 1)
+
+    pos, neg = _groups()
+    split = data.Split(np.concatenate([pos, neg]), np.array([1] * 6 + [0] * 5), None, ())
+    source = data.StepBatches(pos, neg, 3, seed=5, schedule=SCHEDULE)
+    stream = iter(data.step_batches(split, 3, 5, **SCHEDULE))
+    for step in range(3):
+        got = next(stream)
+        np.testing.assert_array_equal(got["positive"], source[step]["positive"])
+    position = stream.get_state()
+    resumed = iter(data.step_batches(split, 3, 5, **SCHEDULE))
+    resumed.set_state(position)
+    for step in range(3, 5):  # a restored stream continues where it stopped
+        np.testing.assert_array_equal(next(resumed)["negative"], source[step]["negative"])
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _pearson(a, b):
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+
+
+def test_validation_ncc_is_pearson_on_the_cropped_maps():
+    """2-D, two channels: M's channels are summed, padding cropped, NCC averaged per subject."""
+    gan = build_mapping_gan(CONFIG)
+    shape = (8, 8, 2)
+    state = _state(gan, jnp.zeros((1, *shape)), seed=3)
+    rng = np.random.default_rng(4)
+    val = {"positive": rng.uniform(-1, 1, (3, *shape)).astype(np.float32),
+           "negative": rng.uniform(-1, 1, (3, *shape)).astype(np.float32),
+           "effect": rng.normal(size=(3, 8, 8, 1)).astype(np.float32)}
+    crop = (slice(1, 7), slice(2, 8))
+    metrics = jax.jit(lambda s, d: gan.validation_metrics(s, d, crop))(state, val)
+
+    variables = {"params": state.params["generator"], "batch_stats": state.batch_stats["generator"]}
+    m = np.asarray(jax.jit(gan.generator.apply)(variables, val["positive"]))  # inference mode
+    scores = [_pearson(m[i, 1:7, 2:8].sum(-1), val["effect"][i, 1:7, 2:8, 0]) for i in range(3)]
+    np.testing.assert_allclose(metrics["val_ncc"], np.mean(scores), rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(scores, 6))) == 3  # three different subjects, not one repeated
+    np.testing.assert_allclose(metrics["val_l1"], np.abs(m).mean(), rtol=1e-5)
+
+    critic_fn = jax.jit(gan.critic.apply)
+
+    def critic(v):
+        return np.asarray(critic_fn({"params": state.params["critic"]}, v))
+
+    wasserstein = critic(val["negative"]).mean() - critic(val["positive"] + m).mean()
+    np.testing.assert_allclose(metrics["val_wasserstein"], wasserstein, rtol=1e-4, atol=1e-5)
+
+    # In chunks of 2 and 1 subjects (two jitted calls): the same subject means.
+    chunked = chunked_validation(gan, val, crop, chunk=2)(state)
+    for name, value in metrics.items():
+        np.testing.assert_allclose(chunked[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_chunked_validation_covers_unequal_groups():
+    """2 positives, 5 negatives, chunks of 1 and 2: every subject of both groups counts."""
+    gan = build_mapping_gan(CONFIG)
+    shape = (8, 8, 1)
+    state = _state(gan, jnp.zeros((1, *shape)), seed=5)
+    rng = np.random.default_rng(6)
+    val = {"positive": rng.uniform(-1, 1, (2, *shape)).astype(np.float32),
+           "negative": rng.uniform(-1, 1, (5, *shape)).astype(np.float32),
+           "effect": rng.normal(size=(2, *shape)).astype(np.float32)}
+    whole = jax.jit(lambda s, d: gan.validation_metrics(s, d))(state, val)
+    for chunk in (1, 2):
+        chunked = chunked_validation(gan, val, (), chunk=chunk)(state)
+        for name, value in whole.items():
+            np.testing.assert_allclose(chunked[name], value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, chunk {chunk}")
+
+
+@pytest.mark.parametrize("bad", ["spectral", "none"])
+def test_unknown_lipschitz_method_is_rejected(bad):
+    with pytest.raises(ValueError, match="lipschitz"):
+        build_mapping_gan({**CONFIG, "lipschitz": bad})
