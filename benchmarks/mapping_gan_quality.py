@@ -1,0 +1,269 @@
+"""Quality of the mapping GAN's key feature maps on the VA-GAN synthetic protocol, against Grad-CAM.
+
+For each protocol (2-D: the VA-GAN images, 112x112; 3-D: the 32^3 default of the program) it
+
+1. generates the synthetic study into WORKDIR/<protocol>/gan/data, then trains the mapping GAN by
+   running `python -m train.mapping_gan` on it (a subprocess; WORKDIR/<protocol>/gan is its work
+   directory, earlier run outputs there are deleted first so the run starts from step 0);
+2. loads the program's train/validation split (the same call and seed as the program), and for
+   the latest and the best checkpoint computes, per validation positive, the NCC of M(x)
+   (channels summed) against the ground truth;
+3. trains the baseline, a small CNN classifier (positive vs negative) on the same training split,
+   by default for as many training images as the GAN draws in its ordinary steps (steps x batch
+   x (2 n_critic + 1)), and computes Grad-CAM of the positive class at its last conv layer for
+   the same validation positives (see benchmarks/_gradcam_baseline.py);
+4. prints one table.
+
+NCC is the Pearson correlation over all pixels/voxels of one subject (`jaxmed.metrics.ncc`);
+the table gives mean ± std over the validation positives.
+
+Signs, so that both methods are scored fairly: the stored ground truth is minus the planted
+effect (M(x) must remove the squares, y = x + M(x)), and the mapping GAN's NCC is taken against
+it exactly as the program reports `val_ncc`: a map with the wrong sign scores negative. Grad-CAM
+is non-negative by construction and carries no sign, so its NCC is taken against the ABSOLUTE
+effect map (the planted squares, +100); since the ground truth is <= 0 everywhere this equals
+minus its NCC against the stored map, i.e. Grad-CAM is scored by |NCC|.
+
+Rows "mapping GAN (latest)" use the final generator (no selection); "mapping GAN (best)" use the
+checkpoint the program kept as best by validation NCC, which is selected on the very subjects it
+is scored on and is therefore optimistic. The target (SPEC: mapping-GAN NCC >= 0.8 on the 2-D
+protocol) is judged on both and printed.
+
+    python benchmarks/mapping_gan_quality.py --protocols 2d --steps-2d 5 --subjects-2d 64  # smoke
+    python benchmarks/mapping_gan_quality.py                                               # ~20 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _gradcam_baseline as baseline
+from benchmarks._timing import print_table
+from jaxmed.data import nifti, synthetic_vagan
+from jaxmed.mapping_gan import data
+from jaxmed.mapping_gan.apply import load_trained
+from jaxmed.metrics import ncc
+from jaxmed.training._logging import read_metrics
+from train.mapping_gan import build_parser as program_parser
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOLS = {"2d": dict(dims=2, label="2-D VA-GAN 112²"), "3d": dict(dims=3, label="3-D 32³")}
+# Files and folders a mapping-GAN run writes into its work directory (data/ is kept and reused).
+_RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl", "tensorboard", "config.json", "figures")
+TARGET_NCC = 0.8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python benchmarks/mapping_gan_quality.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--protocols", default="2d,3d", help="comma-separated subset of 2d,3d (default: %(default)s)")
+    p.add_argument("--workdir", default="runs/mapping_gan_quality",
+                   help="root of the runs' work directories (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="data, split and initialisation seed (default: %(default)s)")
+    b = p.add_argument_group("budget per protocol (the GAN's steps are generator steps)")
+    b.add_argument("--steps", type=int, help="GAN steps for every protocol (overrides --steps-2d/-3d)")
+    b.add_argument("--subjects", type=int, help="subjects for every protocol (overrides --subjects-2d/-3d)")
+    b.add_argument("--steps-2d", type=int, default=500, help="GAN steps, 2-D (default: %(default)s)")
+    b.add_argument("--steps-3d", type=int, default=16, help="GAN steps, 3-D (default: %(default)s)")
+    b.add_argument("--subjects-2d", type=int, default=1000,
+                   help="synthetic subjects, half positive, 2-D (default: %(default)s)")
+    b.add_argument("--subjects-3d", type=int, default=200, help="synthetic subjects, 3-D (default: %(default)s)")
+    b.add_argument("--size-2d", type=int, default=112, help="image side, 2-D (default: %(default)s)")
+    b.add_argument("--size-3d", type=int, default=32, help="volume side, 3-D (default: %(default)s)")
+    b.add_argument("--evals", type=int, default=6,
+                   help="validations per GAN run (evenly spaced; also at the end) (default: %(default)s)")
+    g = p.add_argument_group("mapping GAN (passed to python -m train.mapping_gan)")
+    g.add_argument("--batch-size", type=int, default=4, help="GAN batch size (default: %(default)s)")
+    g.add_argument("--generator-features", default="8,16,32", help="U-Net filters per level (default: %(default)s)")
+    g.add_argument("--critic-widths", default="4,8,12", help="critic block widths (default: %(default)s)")
+    g.add_argument("--critic-growth", type=int, default=4, help="critic dense-block growth (default: %(default)s)")
+    g.add_argument("--n-critic-warmup", type=int, default=20,
+                   help="critic updates per warm-up step (default: %(default)s)")
+    g.add_argument("--warmup-steps-2d", type=int, default=10, help="warm-up generator steps, 2-D (default: %(default)s)")
+    g.add_argument("--warmup-steps-3d", type=int, default=1, help="warm-up generator steps, 3-D (default: %(default)s)")
+    g.add_argument("--gan-args", default="",
+                   help="further program options for every run, one string: --gan-args='--l1-weight 10'")
+    c = p.add_argument_group("Grad-CAM baseline classifier")
+    c.add_argument("--cnn-widths", default="8,16,32", help="conv widths per level (default: %(default)s)")
+    c.add_argument("--cnn-steps-2d", type=int, default=None,
+                   help="classifier steps, 2-D (default: as many training images as the GAN draws: "
+                   "GAN steps x batch x (2 n_critic + 1) / classifier batch)")
+    c.add_argument("--cnn-steps-3d", type=int, default=None, help="classifier steps, 3-D (default: likewise)")
+    c.add_argument("--cnn-batch-size", type=int, default=16, help="classifier batch size (default: %(default)s)")
+    c.add_argument("--cnn-learning-rate", type=float, default=1e-3, help="Adam lr (default: %(default)s)")
+    return p
+
+
+def _per(args, name: str, protocol: str):
+    """A per-protocol option, `--steps`/`--subjects` overriding theirs."""
+    shared = getattr(args, name, None)
+    return shared if shared is not None else getattr(args, f"{name}_{protocol}")
+
+
+# ------------------------------------------------------------------------------ mapping GAN
+
+
+def _clean_run(workdir: Path) -> None:
+    """Deletes a previous run's outputs (not its data) so the program starts from step 0."""
+    for name in _RUN_OUTPUTS:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def gan_command(args, protocol: str, workdir: Path) -> list[str]:
+    steps = _per(args, "steps", protocol)
+    every = max(1, math.ceil(steps / max(args.evals, 1)))
+    return [sys.executable, "-m", "train.mapping_gan", "--workdir", str(workdir),
+            "--synthetic-dims", str(PROTOCOLS[protocol]["dims"]),
+            "--synthetic-size", str(_per(args, "size", protocol)),
+            "--synthetic-subjects", str(_per(args, "subjects", protocol)),
+            "--seed", str(args.seed), "--steps", str(steps), "--batch-size", str(args.batch_size),
+            "--eval-every", str(every), "--checkpoint-every", str(every), "--log-every", str(every),
+            "--generator-features", args.generator_features, "--critic-widths", args.critic_widths,
+            "--critic-growth", str(args.critic_growth), "--n-critic-warmup", str(args.n_critic_warmup),
+            "--warmup-steps", str(_per(args, "warmup_steps", protocol)),
+            "--figures", "0", "--no-progress", *shlex.split(args.gan_args)]
+
+
+def run_gan(args, protocol: str, workdir: Path) -> float:
+    """Generates the data the program would, then runs the program; returns its wall time."""
+    synthetic_vagan.write_dataset(workdir / "data", dims=PROTOCOLS[protocol]["dims"],
+                                  n_subjects=_per(args, "subjects", protocol), seed=args.seed,
+                                  size=_per(args, "size", protocol))
+    _clean_run(workdir)
+    command = gan_command(args, protocol, workdir)
+    print("$ python " + shlex.join(command[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    return time.perf_counter() - start
+
+
+def load_program_study(args, protocol: str, workdir: Path) -> data.Study:
+    """The program's study and split: its own options parsed from the command it was given."""
+    options = program_parser().parse_args(gan_command(args, protocol, workdir)[3:])
+    gan, _, _ = load_trained(workdir, "latest")
+    return data.load_study(nifti.read_manifest(workdir / "data" / "manifest.csv"),
+                           downsampling=gan.generator.total_downsampling, val_fraction=options.val_fraction,
+                           seed=options.seed, normalisation=options.normalisation,
+                           percentiles=tuple(options.percentiles))
+
+
+def gan_ncc(workdir: Path, which: str, study: data.Study, chunk: int = 16) -> np.ndarray:
+    """Per validation positive: NCC of M(x) (channels summed, padding cropped) vs the ground truth."""
+    gan, state, _ = load_trained(workdir, which)
+    fn = jax.jit(lambda s, x: gan.key_feature_map(s, x))
+    val = data.validation_arrays(study.val)
+    crop = (Ellipsis, *study.crop, slice(None))
+    scores = []
+    for s in range(0, len(val["positive"]), chunk):
+        m = fn(state, jnp.asarray(val["positive"][s:s + chunk]))[crop]  # M: [b, *S, C]
+        truth = jnp.asarray(val["effect"][s:s + chunk])[crop][..., 0]  # [b, *S]
+        scores.append(np.asarray(ncc(jnp.sum(m, -1), truth, axis=tuple(range(1, truth.ndim)))))
+    return np.concatenate(scores)
+
+
+def program_ncc(workdir: Path) -> tuple[float, float]:
+    """(final, best) `val_ncc` as the program logged them in metrics.jsonl."""
+    values = [r["val_ncc"] for r in read_metrics(str(workdir)) if "val_ncc" in r]
+    return values[-1], max(values)
+
+
+# ------------------------------------------------------------------------------ Grad-CAM
+
+
+def classifier_steps(args, protocol: str, workdir: Path) -> int:
+    """`--cnn-steps-*`, else the steps that draw as many training images as the GAN's critic and
+    generator minibatches of its ordinary (not warm-up) steps."""
+    if _per(args, "cnn_steps", protocol):
+        return _per(args, "cnn_steps", protocol)
+    options = program_parser().parse_args(gan_command(args, protocol, workdir)[3:])
+    images = options.steps * options.batch_size * (2 * options.n_critic + 1)
+    return max(1, math.ceil(images / args.cnn_batch_size))
+
+
+def gradcam_ncc(args, protocol: str, study: data.Study, steps: int) -> tuple[np.ndarray, dict]:
+    """Trains the classifier on the training split; |NCC| of its Grad-CAM per validation positive."""
+    widths = tuple(int(v) for v in args.cnn_widths.split(","))
+    model, params, seconds = baseline.train_classifier(
+        study.train.images, study.train.labels, widths=widths, steps=steps,
+        batch_size=args.cnn_batch_size, learning_rate=args.cnn_learning_rate, seed=args.seed)
+    accuracy = float(np.mean((baseline.predict(model, params, study.val.images) > 0) == (study.val.labels == 1)))
+    val = data.validation_arrays(study.val)
+    crop = (Ellipsis, *study.crop)
+    cams = baseline.grad_cam_batches(model, params, val["positive"])[crop]  # [N, *S]
+    truth = np.abs(val["effect"][..., 0])[crop]  # |ground truth| = the planted squares
+    scores = np.asarray(ncc(cams, truth, axis=tuple(range(1, truth.ndim))))
+    return scores, dict(steps=steps, seconds=seconds, accuracy=accuracy)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def evaluate(args, protocol: str) -> list[dict]:
+    workdir = Path(args.workdir) / protocol / "gan"
+    seconds = run_gan(args, protocol, workdir)
+    final, best = program_ncc(workdir)
+    study = load_program_study(args, protocol, workdir)
+    subjects = f"{len(study.train.labels)}/{len(study.val.labels)}"
+    steps = _per(args, "steps", protocol)
+    rows = []
+    for which, logged in (("latest", final), ("best", best)):
+        scores = gan_ncc(workdir, which, study)
+        rows.append(dict(protocol=protocol, method=f"mapping GAN ({which})", scores=scores, steps=steps,
+                         batch=args.batch_size, subjects=subjects, seconds=seconds,
+                         note=f"program val_ncc {logged:.4f}" + (", selected on val" if which == "best" else "")))
+    scores, info = gradcam_ncc(args, protocol, study, classifier_steps(args, protocol, workdir))
+    rows.append(dict(protocol=protocol, method="Grad-CAM (|NCC|)", scores=scores, steps=info["steps"],
+                     batch=args.cnn_batch_size, subjects=subjects, seconds=info["seconds"],
+                     note=f"classifier val accuracy {info['accuracy']:.3f}"))
+    return rows
+
+
+def report(rows: list[dict], command: str) -> None:
+    print(f"\n$ {command}")
+    headers = ["protocol", "method", "NCC mean ± std", "n", "steps", "batch", "subjects train/val", "wall s",
+               "note"]
+    print_table(headers, [[PROTOCOLS[r["protocol"]]["label"], r["method"],
+                           f"{r['scores'].mean():+.3f} ± {r['scores'].std():.3f}", len(r["scores"]),
+                           r["steps"], r["batch"], r["subjects"], f"{r['seconds']:.0f}", r["note"]] for r in rows])
+    for r in rows:
+        if r["protocol"] == "2d" and r["method"].startswith("mapping GAN"):
+            met = "met" if r["scores"].mean() >= TARGET_NCC else "NOT met"
+            print(f"target mapping-GAN NCC >= {TARGET_NCC} on 2-D, {r['method']}: "
+                  f"{r['scores'].mean():.3f} -> {met}")
+    print("GAN wall s: the whole program run (start-up, compilation, validation, checkpoints); "
+          "Grad-CAM wall s: classifier training only.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    protocols = [p for p in args.protocols.split(",") if p]
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise SystemExit(f"--protocols: choose from {sorted(PROTOCOLS)}, got {args.protocols!r}")
+    start = time.perf_counter()
+    rows = [row for protocol in protocols for row in evaluate(args, protocol)]
+    report(rows, shlex.join(["python", "benchmarks/mapping_gan_quality.py", *argv]))
+    print(f"total wall time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
