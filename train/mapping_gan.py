@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = parser.add_argument_group("outputs")
     o.add_argument("--figures", type=int, default=4, help="validation subjects drawn as PNG (default: %(default)s)")
     o.add_argument("--val-chunk", type=int, default=16, help="validation subjects per jitted call (default: %(default)s)")
-    add_training_args(parser, workdir="runs/mapping_gan", steps=100, batch_size=4,
-                      log_every=5, checkpoint_every=25, eval_every=25, keep=3)
+    add_training_args(parser, workdir="runs/mapping_gan", steps=60, batch_size=4,
+                      log_every=5, checkpoint_every=20, eval_every=20, keep=3)
     return parser
 
 

@@ -107,19 +107,29 @@ class MappingGan:
         keys = jax.random.split(state.step_key(), negative.shape[0])
         tx = self.config.optimizer()
 
-        def critic_update(state, inputs):
-            neg, pos, key = inputs
-            m, _ = self.key_feature_map(state, pos, train=True)
-            fake = jax.lax.stop_gradient(mapped(pos, m))
-            (loss, parts), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
-                state.params["critic"], state.batch_stats["critic"], neg, fake, key)
-            state = state.apply_gradients(tx, grads, network="critic")
-            if self.config.lipschitz == "clip":
-                state = state.replace(params={**state.params,
-                                              "critic": losses.clip_weights(state.params["critic"], self.config.clip)})
-            return state, parts
+        # The generator is fixed during the critic updates, so all k minibatches are mapped
+        # up front in one batched call; vmap keeps BatchNorm statistics per minibatch, as in
+        # separate calls (their updates are discarded: only the generator update keeps them).
+        fakes = jax.vmap(lambda pos: mapped(pos, self.key_feature_map(state, pos, train=True)[0]))(positive[:-1])
+        fakes = jax.lax.stop_gradient(fakes)  # [k, B, *S, C]
+        critic_stats = state.batch_stats["critic"]
 
-        state, critic_parts = jax.lax.scan(critic_update, state, (negative, positive[:-1], keys))
+        def critic_update(carry, inputs):
+            params, opt_state = carry
+            neg, fake, key = inputs
+            (_, parts), grads = jax.value_and_grad(self._critic_loss, has_aux=True)(
+                params, critic_stats, neg, fake, key)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if self.config.lipschitz == "clip":
+                params = losses.clip_weights(params, self.config.clip)
+            return (params, opt_state), parts
+
+        # Only the critic's parameters and optimiser state travel through the loop.
+        (critic, critic_opt), critic_parts = jax.lax.scan(
+            critic_update, (state.params["critic"], state.opt_state["critic"]), (negative, fakes, keys))
+        state = state.replace(params={**state.params, "critic": critic},
+                              opt_state={**state.opt_state, "critic": critic_opt})
         (g_loss, (g_parts, g_stats)), g_grads = jax.value_and_grad(self._generator_loss, has_aux=True)(
             state.params["generator"], state, positive[-1])
         state = state.apply_gradients(tx, g_grads, network="generator")
