@@ -259,15 +259,20 @@ def _pearson(a, b):
     return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
 
 
+def _validation_set(gan, shape, positives, negatives, seed):
+    """A state for inputs `shape` and random validation data: positives, negatives, one-channel effects."""
+    state = _state(gan, jnp.zeros((1, *shape)), seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    val = {"positive": rng.uniform(-1, 1, (positives, *shape)).astype(np.float32),
+           "negative": rng.uniform(-1, 1, (negatives, *shape)).astype(np.float32),
+           "effect": rng.normal(size=(positives, *shape[:-1], 1)).astype(np.float32)}
+    return state, val
+
+
 def test_validation_ncc_is_pearson_on_the_cropped_maps():
     """2-D, two channels: M's channels are summed, padding cropped, NCC averaged per subject."""
     gan = build_mapping_gan(CONFIG)
-    shape = (8, 8, 2)
-    state = _state(gan, jnp.zeros((1, *shape)), seed=3)
-    rng = np.random.default_rng(4)
-    val = {"positive": rng.uniform(-1, 1, (3, *shape)).astype(np.float32),
-           "negative": rng.uniform(-1, 1, (3, *shape)).astype(np.float32),
-           "effect": rng.normal(size=(3, 8, 8, 1)).astype(np.float32)}
+    state, val = _validation_set(gan, (8, 8, 2), positives=3, negatives=3, seed=3)
     crop = (slice(1, 7), slice(2, 8))
     metrics = jax.jit(lambda s, d: gan.validation_metrics(s, d, crop))(state, val)
 
@@ -295,12 +300,7 @@ def test_validation_ncc_is_pearson_on_the_cropped_maps():
 def test_chunked_validation_covers_unequal_groups():
     """2 positives, 5 negatives, chunks of 1 and 2: every subject of both groups counts."""
     gan = build_mapping_gan(CONFIG)
-    shape = (8, 8, 1)
-    state = _state(gan, jnp.zeros((1, *shape)), seed=5)
-    rng = np.random.default_rng(6)
-    val = {"positive": rng.uniform(-1, 1, (2, *shape)).astype(np.float32),
-           "negative": rng.uniform(-1, 1, (5, *shape)).astype(np.float32),
-           "effect": rng.normal(size=(2, *shape)).astype(np.float32)}
+    state, val = _validation_set(gan, (8, 8, 1), positives=2, negatives=5, seed=5)
     whole = jax.jit(lambda s, d: gan.validation_metrics(s, d))(state, val)
     for chunk in (1, 2):
         chunked = chunked_validation(gan, val, (), chunk=chunk)(state)
