@@ -9,8 +9,6 @@ a plausible negative one, y = x + M(x); M(x) is the key feature map.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +22,8 @@ from jaxmed.mapping_gan import data
 from jaxmed.mapping_gan.apply import apply_to_files
 from jaxmed.mapping_gan.figures import key_feature_figure
 from jaxmed.mapping_gan.steps import build_mapping_gan, chunked_validation
-from jaxmed.training import add_training_args, fit, fit_options, init_distributed, make_mesh, replicate
+from jaxmed.training import (add_training_args, fit, fit_options, init_distributed, make_mesh, replicate,
+                             write_run_config)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -111,15 +110,6 @@ def _subjects(args) -> list[nifti.Subject]:
     return nifti.read_manifest(manifest)
 
 
-def _save_config(path: Path, config: dict) -> None:
-    if jax.process_index() != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path)
-
-
 def train(args: argparse.Namespace) -> dict[str, float]:
     init_distributed(args)
     workdir = Path(args.workdir)
@@ -131,7 +121,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     has_truth = study.val.effects is not None
     best = dict(best_metric="val_ncc" if has_truth else "val_wasserstein",
                 best_mode="max" if has_truth else "min")
-    _save_config(workdir / "config.json", {**config, **best, "spatial_dims": study.spatial_dims,
+    write_run_config(workdir, {**config, **best, "spatial_dims": study.spatial_dims,
                                            "channels": study.channels,
                                            "input_shape": list(study.train.images.shape[1:])})
 

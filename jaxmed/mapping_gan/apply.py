@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -14,33 +13,17 @@ from jaxmed.data import nifti
 from jaxmed.errors import InputDataError
 from jaxmed.mapping_gan.figures import key_feature_figure
 from jaxmed.mapping_gan.steps import MappingGan, build_mapping_gan
-from jaxmed.training import Checkpoints, TrainState
+from jaxmed.training import TrainState, read_run_config, restore_trained
 
 
 def load_trained(workdir: str | Path, which: str = "best") -> tuple[MappingGan, TrainState, dict]:
     """The run's networks and trained state (`which`: 'best', falling back to 'latest')."""
-    workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.is_file():
-        raise InputDataError(f"{config_path}: not found; is {workdir} a mapping-GAN work directory?")
-    config = json.loads(config_path.read_text())
+    config = read_run_config(workdir, "python -m train.mapping_gan")
     gan = build_mapping_gan(config)
     # The critic's head sees the training volumes' (padded) shape, so its parameters do too.
     example = jnp.zeros((1, *config["input_shape"]), jnp.float32)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            jax.eval_shape(lambda: gan.init_state(example, config["seed"])))
-    checkpoints = Checkpoints(str(workdir), keep=1, best_metric=config["best_metric"],
-                              best_mode=config["best_mode"])
-    try:
-        if which == "best" and checkpoints.best_step() is not None:
-            _, state = checkpoints.restore_best(abstract)
-        elif checkpoints.latest_step() is not None:
-            state, _ = checkpoints.restore(checkpoints.latest_step(), abstract)
-        else:
-            raise InputDataError(f"{workdir}: no checkpoint to apply (train first)")
-    finally:
-        checkpoints.close()
+    state = restore_trained(workdir, lambda: gan.init_state(example, config["seed"]), which=which,
+                            best_metric=config["best_metric"], best_mode=config["best_mode"])
     return gan, state, config
 
 

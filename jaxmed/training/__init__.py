@@ -34,4 +34,8 @@ from jaxmed.training._mesh import replicate as replicate
 from jaxmed.training._mesh import replicated_sharding as replicated_sharding
 from jaxmed.training._mesh import shard_batch as shard_batch
 from jaxmed.training._preemption import PreemptionWatcher as PreemptionWatcher
+from jaxmed.training._run import read_run_config as read_run_config
+from jaxmed.training._run import restore_trained as restore_trained
+from jaxmed.training._run import write_run_config as write_run_config
 from jaxmed.training._state import TrainState as TrainState
+from jaxmed.training._supervised import supervised_train_step as supervised_train_step

@@ -1,0 +1,68 @@
+"""What a training program leaves for its apply / predict command: the run's configuration
+(`config.json`) and the trained state, restored from `best/` or the latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxmed.errors import InputDataError
+from jaxmed.training._checkpoint import Checkpoints
+
+CONFIG_NAME = "config.json"
+
+
+def write_run_config(workdir: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Write `workdir/config.json` atomically, from process 0 only."""
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(config, indent=2))
+    os.replace(temporary, path)
+
+
+def read_run_config(workdir: str | os.PathLike, program: str) -> dict[str, Any]:
+    """`workdir/config.json`; `program` names the training program in the error message."""
+    path = Path(workdir) / CONFIG_NAME
+    if not path.is_file():
+        raise InputDataError(f"{path}: not found; is {workdir} a work directory of {program}?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputDataError(f"{path}: not valid JSON ({error})") from error
+
+
+def restore_trained(workdir: str | os.PathLike, init_state: Callable[[], Any], *,
+                    which: str = "best", best_metric: str | None = None,
+                    best_mode: str = "max") -> Any:
+    """The trained state of a run, on the first local device.
+
+    **Arguments:**
+
+    - `workdir`: the run's work directory.
+    - `init_state`: builds a state of the run's structure (traced only, never run).
+    - `which`: `'best'` (falling back to the latest checkpoint when no best was kept) or
+      `'latest'`.
+    - `best_metric`, `best_mode`: as given to `fit`.
+
+    **Raises:** `InputDataError` when the run has no checkpoint.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            jax.eval_shape(init_state))
+    checkpoints = Checkpoints(str(workdir), keep=1, best_metric=best_metric, best_mode=best_mode)
+    try:
+        if which == "best" and best_metric and checkpoints.best_step() is not None:
+            return checkpoints.restore_best(abstract)[1]
+        if checkpoints.latest_step() is not None:
+            return checkpoints.restore(checkpoints.latest_step(), abstract)[0]
+        raise InputDataError(f"{workdir}: no checkpoint to use (train first)")
+    finally:
+        checkpoints.close()
