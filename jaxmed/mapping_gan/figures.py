@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from jaxmed.plotting import plt, save_figure
 
 
 def _slices(volume: np.ndarray, centre: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
@@ -43,10 +41,4 @@ def key_feature_figure(image: np.ndarray, key_feature_map: np.ndarray, path: str
             ax.axis("off")
         fig.colorbar(shown, ax=axes[r].tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

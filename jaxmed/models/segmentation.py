@@ -303,10 +303,11 @@ class SegmentationNet(nn.Module):
     stem has three), so layer 1 sees `2w` channels, not torchvision's `w`: its first block's
     1x1 conv and projection are that much larger than in torchvision's ResNet-50.
 
-    The feature maps `stem`, `pool`, `layer1` ... `layer4` (and, with `use_cbam`, the spatial
-    attention maps `cbam_stem_attention`, `cbam_attention` of shape `(B, *spatial, 1)`) are sown
-    into the `'intermediates'` collection: `apply(..., mutable=["intermediates"])` returns them,
-    each as a one-element tuple.
+    The outputs of the stem, the max-pool and layers 1-4 are sown into the `'intermediates'`
+    collection as `stem_features`, `pool_features`, `layer1_features` ... `layer4_features`
+    (Flax forbids reusing the submodule names `stem`, `layer1`, ... there), and with `use_cbam`
+    the spatial attention maps `(B, *spatial, 1)` as `cbam_stem_attention` and `cbam_attention`:
+    `apply(..., mutable=["intermediates"])` returns them, each as a one-element tuple.
 
     **Arguments** (attributes):
 
@@ -370,16 +371,16 @@ class SegmentationNet(nn.Module):
         block, blocks = RESNET_DEPTHS[self.depth]
 
         h = _Stem(self.width, **kw, name="stem")(x, train=train)  # h: [B, *S/2, 2w]
-        self.sow("intermediates", "stem", h)
+        self.sow("intermediates", "stem_features", h)
         h = nn.max_pool(h, (3,) * nsp, strides=(2,) * nsp, padding=((1, 1),) * nsp)  # [B, *S/4, 2w]
-        self.sow("intermediates", "pool", h)
+        self.sow("intermediates", "pool_features", h)
         h = self._cbam(h, train, "cbam_stem")
 
         features = {}
         for i, (strides, first_dilation, dilation) in enumerate(dilation_schedule(self.output_stride)):
             h = ResNetLayer(block, self.width * 2**i, blocks[i], strides, first_dilation, dilation, **kw,
                             name=f"layer{i + 1}")(h, train=train)  # h: [B, *S/stride, C_i]
-            self.sow("intermediates", f"layer{i + 1}", h)
+            self.sow("intermediates", f"layer{i + 1}_features", h)
             features[i + 1] = h
 
         h = self._cbam(h, train, "cbam")
@@ -391,6 +392,6 @@ class SegmentationNet(nn.Module):
         out = {"logits": resize_align_corners(logits, size)}  # [B, *S, classes]
         if self.aux_head:
             aux = SegmentationHead(4 * self.width, self.num_classes, self.dropout_rate, **kw, name="aux_head")(
-                features[3], train=train)  # [B, *S/16, classes]
+                features[3], train=train)  # [B, *S/stride3, classes]
             out["aux_logits"] = resize_align_corners(aux, size)
         return out

@@ -1,0 +1,1 @@
+"""Segmentation (SPEC S4): training step, validation, figures, predict."""

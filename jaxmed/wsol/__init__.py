@@ -1,0 +1,1 @@
+"""Weakly-supervised object localisation (SPEC S1): training step, validation, figures, localize."""
