@@ -45,6 +45,6 @@ def supervised_train_step(model: nn.Module, tx: optax.GradientTransformation, lo
             state.params)
         state = state.apply_gradients(tx, grads)
         state = state.replace(batch_stats=updates.get("batch_stats", state.batch_stats))
-        return state, {"loss": loss, **metrics, "grad_norm": optax.global_norm(grads)}
+        return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
