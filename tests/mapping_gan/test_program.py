@@ -2,32 +2,27 @@
 simulated devices, `apply` (3-D and 2-D), and bad inputs that must fail with a message naming
 the file without touching an existing work directory.
 
-Nearly all of a tiny run's time is XLA compiling on 2 cores, so independent runs are started
-together and share one persistent compilation cache: phase 1 trains (3-D, 2-D, 8 devices), phase
-2 starts everything that needs a trained work directory. Each test then reads the result it
-needs. The runs' folder, output and exit status are files in one session-wide folder, so under
-pytest-xdist the first worker to need a phase starts it and the others wait for its files.
+Phase 1 trains (3-D, 2-D, 8 devices); phase 2 starts everything that needs a trained work
+directory (see tests/programs.py).
 """
 
-import fcntl
 import json
 import math
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.testing import data_path as NIBABEL_DATA
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.programs import (ROOT, TIMEOUT, Job, failure_message, metrics_rows, once, program_env,
+                            session_folder, snapshot)
+
 ANATOMICAL = pathlib.Path(NIBABEL_DATA) / "anatomical.nii"  # (33, 41, 25), 2 mm, flipped x
-TIMEOUT = 600
 # Critic updates are 2 in every step (warm-up or not), so all steps share one compiled shape.
 TINY = ["--synthetic-subjects", "40", "--synthetic-size", "16", "--eval-every", "2",
         "--checkpoint-every", "2", "--log-every", "1", "--n-critic-warmup", "2", "--warmup-steps", "1",
@@ -37,72 +32,6 @@ TINY = ["--synthetic-subjects", "40", "--synthetic-size", "16", "--eval-every", 
 GAN_METRICS = ("loss", "critic_loss", "wasserstein", "gradient_penalty")
 
 
-# Runs a command and then writes its exit status to a file (atomically), so that any pytest
-# process, including another xdist worker, can wait for it.
-_WRAPPER = ("import os, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
-            "open(sys.argv[1] + '.tmp', 'w').write(str(code)); os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
-
-
-class Job:
-    """A subprocess whose output and exit status land in files `<folder>/<name>.*`."""
-
-    def __init__(self, folder: pathlib.Path, name: str):
-        self.name, self.proc = name, None
-        self.files = {kind: folder / f"{name}.{kind}" for kind in ("args", "stdout", "stderr", "status")}
-
-    def start(self, args: list[str], env: dict) -> None:
-        self.files["args"].write_text(json.dumps(args))
-        with open(self.files["stdout"], "w") as out, open(self.files["stderr"], "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(self.files["status"]), *args],
-                                         cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
-
-    def result(self) -> subprocess.CompletedProcess:
-        deadline = time.monotonic() + TIMEOUT
-        while not self.files["status"].exists():
-            assert time.monotonic() < deadline, f"{self.name} did not finish in {TIMEOUT} s"
-            time.sleep(0.2)
-        return subprocess.CompletedProcess(json.loads(self.files["args"].read_text()),
-                                           int(self.files["status"].read_text()),
-                                           self.files["stdout"].read_text(), self.files["stderr"].read_text())
-
-    def ok(self) -> subprocess.CompletedProcess:
-        done = self.result()
-        assert done.returncode == 0, (f"{self.name}: {' '.join(done.args)}\n--- stdout\n{done.stdout[-3000:]}"
-                                      f"\n--- stderr\n{done.stderr[-5000:]}")
-        return done
-
-    def finish(self) -> None:
-        """If this process started the job: wait for it, and end it (its process group) after
-        the time limit."""
-        if self.proc is None:
-            return
-        try:
-            self.proc.wait(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def _once(shared: pathlib.Path, phase: str, launch) -> None:
-    """Calls `launch()` in the first pytest process that gets here; xdist workers share `shared`."""
-    with open(shared / f"{phase}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        marker = shared / f"{phase}.started"
-        if not marker.exists():
-            launch()
-            marker.touch()
-
-
-def _env(cache_dir: pathlib.Path, devices: int = 1) -> dict:
-    # The non-partitionable threefry compiles the initialisers' random draws ~5x faster on
-    # XLA:CPU (see tests/conftest.py): ~15 s less per cold run. Only the random values change.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_THREEFRY_PARTITIONABLE="false",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _train(workdir: pathlib.Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train.mapping_gan", "--workdir", str(workdir), *TINY, *extra]
 
@@ -110,16 +39,6 @@ def _train(workdir: pathlib.Path, *extra: str) -> list[str]:
 def _apply(workdir: pathlib.Path, output: pathlib.Path, *inputs: pathlib.Path) -> list[str]:
     return [sys.executable, "-m", "train.mapping_gan", "apply", "--workdir", str(workdir),
             "--input", *map(str, inputs), "--output", str(output)]
-
-
-def _metrics(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _snapshot(folder: pathlib.Path) -> list[tuple]:
-    """Every file and folder under `folder` with its size and modification time."""
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in folder.rglob("*"))
 
 
 # ------------------------------------------------------------------------ bad-input folders
@@ -186,11 +105,7 @@ BAD_APPLY = {"apply_channels": ("2 channel", "trained on 1"), "apply_3d_to_2d": 
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
-    """One folder for the whole session, shared by xdist workers (so the runs happen once)."""
-    base = tmp_path_factory.getbasetemp()
-    folder = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / "mapping_gan_program"
-    folder.mkdir(exist_ok=True)
-    return folder
+    return session_folder(tmp_path_factory, "mapping_gan_program")
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +122,9 @@ def trainings(tmp):
 
     def launch():
         for name, (args, devices) in commands.items():
-            jobs[name].start(args, _env(cache, devices))
+            jobs[name].start(args, program_env(cache, devices))
 
-    _once(tmp, "phase1", launch)
+    once(tmp, "phase1", launch)
     yield jobs
     for job in jobs.values():
         job.finish()
@@ -240,15 +155,15 @@ def followups(tmp, trainings):
     def launch():
         trainings["3d"].ok()
         trainings["2d"].ok()
-        (tmp / "run3d_before.json").write_text(json.dumps(_snapshot(run3d)))
+        (tmp / "run3d_before.json").write_text(json.dumps(snapshot(run3d)))
         shutil.copytree(run3d, tmp / "resumed", symlinks=True)
         _save(two_channels, np.random.default_rng(2).normal(size=(16, 16, 16, 2)))
         for case in BAD_TRAINING:
             _write_bad_case(tmp / "bad", case)
         for name, args in commands.items():
-            jobs[name].start(args, _env(cache))
+            jobs[name].start(args, program_env(cache))
 
-    _once(tmp, "phase2", launch)
+    once(tmp, "phase2", launch)
     before = [tuple(entry) for entry in json.loads((tmp / "run3d_before.json").read_text())]
     yield dict(jobs=jobs, named=named, before=before)
     for job in jobs.values():
@@ -266,7 +181,7 @@ def test_training_writes_every_output(tmp, trainings):
     assert os.listdir(workdir / "best") == ["2"]
     assert any(p.stat().st_size > 0 for p in (workdir / "tensorboard").glob("events.out.tfevents.*"))
 
-    rows = _metrics(workdir)
+    rows = metrics_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         for name in GAN_METRICS:
@@ -312,17 +227,17 @@ def test_eight_devices(tmp, trainings):
     done = trainings["8dev"].ok()
     assert "validation after 2 steps" in done.stdout
     assert os.listdir(tmp / "run8" / "checkpoints") == ["2"]
-    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp / "run8"))
+    assert all(math.isfinite(r["loss"]) for r in metrics_rows(tmp / "run8"))
 
 
 def test_resume_continues_from_the_saved_step(tmp, followups):
     done = followups["jobs"]["resume"].ok()
     assert "Resuming from step 2" in done.stdout + done.stderr
-    assert [r["step"] for r in _metrics(tmp / "resumed")] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics_rows(tmp / "resumed")] == [1, 2, 3, 4]
     assert sorted(os.listdir(tmp / "resumed" / "checkpoints")) == ["2", "4"]
     # Same data order, keys and parameters as a run that was never interrupted.
     followups["jobs"]["fresh4"].ok()
-    resumed, fresh = _metrics(tmp / "resumed"), _metrics(tmp / "fresh4")
+    resumed, fresh = metrics_rows(tmp / "resumed"), metrics_rows(tmp / "fresh4")
     for got, expected in zip(resumed[2:], fresh[2:]):
         for name in GAN_METRICS:
             np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=(got["step"], name))
@@ -363,10 +278,7 @@ def test_apply_2d_model_round_trips_its_own_file(tmp, followups):
 
 @pytest.mark.parametrize("case", [*BAD_TRAINING, *BAD_APPLY])
 def test_bad_input_fails_naming_the_file(followups, case):
-    done = followups["jobs"][case].result()
-    assert done.returncode != 0, done.stdout[-2000:]
-    message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
-    assert message.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = failure_message(followups["jobs"][case].result())
     assert str(followups["named"][case]) in message, message
     for words in (BAD_TRAINING | BAD_APPLY)[case]:
         assert words in message.lower(), message
@@ -377,6 +289,6 @@ def test_failed_runs_leave_the_work_directory_untouched(tmp, followups):
         assert followups["jobs"][case].result().returncode != 0
     for job in followups["jobs"].values():  # `apply` reads it too
         job.result()
-    after = _snapshot(tmp / "run3d")
+    after = snapshot(tmp / "run3d")
     assert after == followups["before"]
     assert os.listdir(tmp / "run3d" / "checkpoints") == ["2"]

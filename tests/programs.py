@@ -1,0 +1,115 @@
+"""Running `python -m train.<name>` programs from tests, in subprocesses.
+
+Nearly all of a tiny run's time is XLA compiling on 2 cores, so a test module starts its
+independent runs together, sharing one persistent compilation cache, in phases: the first
+pytest process (xdist worker) to need a phase starts it (`once`), and every process then waits
+for the job's files (`Job.result`). The runs' folder, output and exit status are files in one
+session-wide folder (`session_folder`).
+"""
+
+import fcntl
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 600
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def session_folder(tmp_path_factory, name: str) -> pathlib.Path:
+    """One folder for the whole session, shared by xdist workers (so the runs happen once)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if "PYTEST_XDIST_WORKER" in os.environ else base) / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+# Runs a command and then writes its exit status to a file (atomically), so that any pytest
+# process, including another xdist worker, can wait for it.
+_WRAPPER = ("import os, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
+            "open(sys.argv[1] + '.tmp', 'w').write(str(code)); os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
+
+
+class Job:
+    """A subprocess whose output and exit status land in files `<folder>/<name>.*`."""
+
+    def __init__(self, folder: pathlib.Path, name: str):
+        self.name, self.proc = name, None
+        self.files = {kind: folder / f"{name}.{kind}" for kind in ("args", "stdout", "stderr", "status")}
+
+    def start(self, args: list[str], env: dict) -> None:
+        self.files["args"].write_text(json.dumps(args))
+        with open(self.files["stdout"], "w") as out, open(self.files["stderr"], "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(self.files["status"]), *args],
+                                         cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+
+    def result(self) -> subprocess.CompletedProcess:
+        deadline = time.monotonic() + TIMEOUT
+        while not self.files["status"].exists():
+            assert time.monotonic() < deadline, f"{self.name} did not finish in {TIMEOUT} s"
+            time.sleep(0.2)
+        return subprocess.CompletedProcess(json.loads(self.files["args"].read_text()),
+                                           int(self.files["status"].read_text()),
+                                           self.files["stdout"].read_text(), self.files["stderr"].read_text())
+
+    def ok(self) -> subprocess.CompletedProcess:
+        done = self.result()
+        assert done.returncode == 0, (f"{self.name}: {' '.join(done.args)}\n--- stdout\n{done.stdout[-3000:]}"
+                                      f"\n--- stderr\n{done.stderr[-5000:]}")
+        return done
+
+    def finish(self) -> None:
+        """If this process started the job: wait for it, and end it (its process group) after
+        the time limit."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def once(shared: pathlib.Path, phase: str, launch) -> None:
+    """Calls `launch()` in the first pytest process that gets here; xdist workers share `shared`."""
+    with open(shared / f"{phase}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = shared / f"{phase}.started"
+        if not marker.exists():
+            launch()
+            marker.touch()
+
+
+def program_env(cache_dir: pathlib.Path, devices: int = 1) -> dict:
+    # The non-partitionable threefry compiles the initialisers' random draws ~5x faster on
+    # XLA:CPU (see tests/conftest.py): ~15 s less per cold run. Only the random values change.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_THREEFRY_PARTITIONABLE="false",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def metrics_rows(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def snapshot(folder: pathlib.Path) -> list[tuple]:
+    """Every file and folder under `folder` with its size and modification time."""
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in folder.rglob("*"))
+
+
+
+
+def failure_message(done: subprocess.CompletedProcess) -> str:
+    """The last line of a failed program's stderr, checked to be a clean `error: ...` line."""
+    assert done.returncode != 0, done.stdout[-2000:]
+    message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+    assert message.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return message
