@@ -71,21 +71,38 @@ class _Ellipse(NamedTuple):
 
 
 def class_names(num_classes: int) -> list[str]:
-    """`'<colour>_<pattern>'` of each class's inclusion, e.g. `'navy_solid'`."""
-    return [f"{_MARK_COLOURS[k][0]}_{_PATTERNS[k % len(_PATTERNS)]}" for k in range(num_classes)]
+    """`'<label>_<colour>_<pattern>'` of each class's inclusion, e.g. `'0_navy_solid'`; the label
+    prefix makes the sorted folder names of `write_wsol_folder` keep the labels."""
+    return [f"{k}_{_MARK_COLOURS[k][0]}_{_PATTERNS[k % len(_PATTERNS)]}" for k in range(num_classes)]
 
 
-def _local(grid: tuple[np.ndarray, np.ndarray], cx: float, cy: float, angle: float):
+class _Patch(NamedTuple):
+    """The square of the image around one shape: drawing touches only these pixels."""
+
+    region: tuple[slice, slice]  # (rows, columns)
+    x: np.ndarray  # [1, w] column index of each pixel centre
+    y: np.ndarray  # [h, 1] row index
+
+
+def _patch(shape: _Ellipse, size: int) -> _Patch:
+    reach = shape.a + 1.0
+    x0, y0 = (max(int(c - reach), 0) for c in (shape.cx, shape.cy))
+    x1, y1 = (min(int(math.ceil(c + reach)) + 1, size) for c in (shape.cx, shape.cy))
+    columns, rows = np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32)
+    return _Patch((slice(y0, y1), slice(x0, x1)), columns[None, :], rows[:, None])
+
+
+def _local(patch: _Patch, cx: float, cy: float, angle: float):
     """Pixel-centre coordinates rotated into a frame at (cx, cy) turned by `angle`."""
-    dx, dy = grid[0] - cx, grid[1] - cy  # [H, W] each
+    dx, dy = patch.x - cx, patch.y - cy  # [1, w], [h, 1]
     c, s = math.cos(angle), math.sin(angle)
-    return dx * c + dy * s, -dx * s + dy * c
+    return dx * c + dy * s, -dx * s + dy * c  # [h, w] each
 
 
-def _inside(grid, shape: _Ellipse) -> np.ndarray:
-    """`rho^2` of every pixel: `< 1` inside the ellipse."""
-    u, v = _local(grid, shape.cx, shape.cy, shape.angle)
-    return (u / shape.a) ** 2 + (v / shape.b) ** 2  # [H, W]
+def _inside(patch: _Patch, shape: _Ellipse) -> np.ndarray:
+    """`rho^2` of every pixel of the patch: `<= 1` inside the ellipse."""
+    u, v = _local(patch, shape.cx, shape.cy, shape.angle)
+    return (u / shape.a) ** 2 + (v / shape.b) ** 2  # [h, w]
 
 
 def _place(rng, size: int, radius: float, placed: list[_Ellipse]) -> tuple[float, float] | None:
@@ -110,19 +127,36 @@ def _layout(rng, size: int, axes: list[tuple[float, float]]) -> list[_Ellipse] |
 
 
 def _smooth_noise(rng, size: int, sigma: float) -> np.ndarray:
-    field = scipy.ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma, mode="wrap")
+    noise = rng.standard_normal(size=(size, size), dtype=np.float32)
+    field = scipy.ndimage.gaussian_filter(noise, sigma, mode="wrap", truncate=3.0)
     return field / field.std()  # [H, W], unit variance
 
 
-def _background(rng, size: int) -> np.ndarray:
-    mix = 1.0 / (1.0 + np.exp(-1.5 * _smooth_noise(rng, size, size / 8.0)))  # [H, W] in (0, 1)
+def _low_frequency(rng, size: int, waves: int = 8, max_cycles: int = 3) -> np.ndarray:
+    """Unit-variance sum of `waves` random plane waves of at most `max_cycles` per image side.
+
+    Much cheaper than smoothing white noise with a kernel a tenth of the image wide; each wave
+    cos(kx x + ky y + phase) is expanded into outer products of 1-D cosines and sines.
+    """
+    k = rng.integers(-max_cycles, max_cycles, endpoint=True, size=(waves, 2))
+    k[np.all(k == 0, axis=1), 0] = 1  # no constant wave
+    phase = rng.uniform(0.0, 2 * np.pi, size=(waves, 2))
+    line = 2 * np.pi * np.arange(size) / size
+    along_x = k[:, :1] * line + phase[:, :1]  # [waves, W]
+    along_y = k[:, 1:] * line + phase[:, 1:]  # [waves, H]
+    field = np.cos(along_y).T @ np.cos(along_x) - np.sin(along_y).T @ np.sin(along_x)  # [H, W]
+    return field / field.std()
+
+
+def _background(rng, size: int, texture: np.ndarray) -> np.ndarray:
+    mix = 1.0 / (1.0 + np.exp(-1.5 * _low_frequency(rng, size)))  # [H, W] in (0, 1)
     colour = _BACKGROUND_LIGHT + mix[..., None] * (_BACKGROUND_DARK - _BACKGROUND_LIGHT)
-    return colour * (1.0 + 0.03 * _smooth_noise(rng, size, 1.5))[..., None]  # [H, W, 3]
+    return (colour * (1.0 + 0.03 * texture)[..., None]).astype(np.float32)  # [H, W, 3]
 
 
-def _paint_body(rng, canvas, grid, shape: _Ellipse, texture) -> np.ndarray:
-    """Draw a cell body; returns its mask."""
-    rho2 = _inside(grid, shape)
+def _paint_body(rng, canvas, patch, shape: _Ellipse, texture) -> np.ndarray:
+    """Draw a cell body into the patch's `canvas` [h, w, 3]; returns its mask [h, w]."""
+    rho2 = _inside(patch, shape)
     mask = rho2 <= 1.0
     colour = _BODY + rng.uniform(-20.0, 20.0, size=3)
     shade = (1.0 + 0.07 * texture) * np.where(rho2 > 0.8**2, 0.82, 1.0)  # membrane rim darker
@@ -130,8 +164,8 @@ def _paint_body(rng, canvas, grid, shape: _Ellipse, texture) -> np.ndarray:
     return mask
 
 
-def _paint_rod(rng, canvas, grid, shape: _Ellipse, colour, texture) -> np.ndarray:
-    mask = _inside(grid, shape) <= 1.0
+def _paint_rod(rng, canvas, patch, shape: _Ellipse, colour, texture) -> np.ndarray:
+    mask = _inside(patch, shape) <= 1.0
     tint = np.asarray(colour, float) + rng.uniform(-15.0, 15.0, size=3)
     canvas[mask] = ((1.0 + 0.07 * texture)[..., None] * tint)[mask]
     return mask
@@ -149,7 +183,7 @@ def _pattern(kind: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.ndarr
     return np.where((u > 0) == (v > 0), 1.0, faint)  # quartered
 
 
-def _part_mask(rng, grid, body: _Ellipse, body_mask, fraction: tuple[float, float]):
+def _part_mask(rng, patch, body: _Ellipse, body_mask, fraction: tuple[float, float]):
     """A disc inside the body with area fraction in `fraction`; returns (mask, centre, radius)."""
     low, high = fraction
     area = body_mask.sum()
@@ -161,7 +195,7 @@ def _part_mask(rng, grid, body: _Ellipse, body_mask, fraction: tuple[float, floa
     u, v = s * spread * max(body.a - radius - 1, 0), t * spread * max(body.b - radius - 1, 0)
     c, n = math.cos(body.angle), math.sin(body.angle)
     cx, cy = body.cx + u * c - v * n, body.cy + u * n + v * c
-    distance2 = (grid[0] - cx) ** 2 + (grid[1] - cy) ** 2  # [H, W]
+    distance2 = (patch.x - cx) ** 2 + (patch.y - cy) ** 2  # [h, w]
     for _ in range(20):
         mask = (distance2 <= radius**2) & body_mask
         got = mask.sum() / area
@@ -171,11 +205,11 @@ def _part_mask(rng, grid, body: _Ellipse, body_mask, fraction: tuple[float, floa
     raise ValueError(f"cannot draw an inclusion of area fraction {fraction}; use a larger image_size")
 
 
-def _paint_part(rng, canvas, grid, part, centre, radius, label: int) -> None:
-    u, v = _local(grid, *centre, rng.uniform(0.0, 2 * math.pi))
-    strength = _pattern(_PATTERNS[label % len(_PATTERNS)], u, v, radius)  # [H, W]
+def _paint_part(rng, canvas, patch, part, centre, radius, label: int) -> None:
+    u, v = _local(patch, *centre, rng.uniform(0.0, 2 * math.pi))
+    strength = _pattern(_PATTERNS[label % len(_PATTERNS)], u, v, radius)  # [h, w]
     colour = np.asarray(_MARK_COLOURS[label][1], float) + rng.uniform(-12.0, 12.0, size=3)
-    mixed = canvas + strength[..., None] * (colour - canvas)  # [H, W, 3]
+    mixed = canvas + strength[..., None] * (colour - canvas)  # [h, w, 3]
     canvas[part] = mixed[part]
 
 
@@ -186,14 +220,16 @@ def _count(rng, value: int | tuple[int, int]) -> int:
 
 def _finish(rng, canvas: np.ndarray) -> np.ndarray:
     size = canvas.shape[0]
-    speckle = 1.0 + 0.05 * rng.normal(size=(size, size, 1))
-    noisy = canvas * speckle * rng.uniform(0.92, 1.05) + rng.normal(0.0, 3.0, size=canvas.shape)
+    speckle = 1.0 + 0.06 * rng.standard_normal(size=(size, size, 1), dtype=np.float32)
+    noisy = canvas * speckle * rng.uniform(0.92, 1.05)
     return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
 
-def _tight_box(mask: np.ndarray) -> np.ndarray:
+def _tight_box(mask: np.ndarray, patch: _Patch) -> np.ndarray:
+    """`[x0, y0, x1, y1]` image pixels bounding a patch mask."""
     ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.int32)
+    x0, y0 = patch.region[1].start, patch.region[0].start
+    return np.array([xs.min() + x0, ys.min() + y0, xs.max() + x0, ys.max() + y0], dtype=np.int32)
 
 
 def _rod_colour(rng, label: int, num_classes: int, cooccurrence: float) -> tuple:
@@ -221,24 +257,25 @@ def _image(rng, label: int, size: int, options: dict):
     n_decoys = int(rng.uniform() < options["decoy_probability"])
     n_rods = _count(rng, options["distractors_per_image"])
     shapes = _shapes(rng, size, n_objects, n_decoys, n_rods, options["object_scale"])
-    grid = tuple(np.meshgrid(np.arange(size, dtype=float), np.arange(size, dtype=float)))  # x, y
-    canvas = _background(rng, size)  # [H, W, 3] float
-    texture = _smooth_noise(rng, size, 1.0)
+    texture = _smooth_noise(rng, size, 1.2)  # shared by background and objects
+    canvas = _background(rng, size, texture)  # [H, W, 3] float
     objects, parts, rods = np.zeros((3, size, size), bool)
     boxes = []
     for i, shape in enumerate(shapes):
+        patch = _patch(shape, size)
+        view, grain = canvas[patch.region], texture[patch.region]  # views: painting writes through
         if i >= n_objects + n_decoys:
             colour = _rod_colour(rng, label, options["num_classes"], options["cooccurrence"])
-            rods |= _paint_rod(rng, canvas, grid, shape, colour, texture)
+            rods[patch.region] |= _paint_rod(rng, view, patch, shape, colour, grain)
             continue
-        body = _paint_body(rng, canvas, grid, shape, texture)
+        body = _paint_body(rng, view, patch, shape, grain)
         if i >= n_objects:
             continue  # decoy: a cell without inclusion
-        part, centre, radius = _part_mask(rng, grid, shape, body, options["part_fraction"])
-        _paint_part(rng, canvas, grid, part, centre, radius, label)
-        objects |= body
-        parts |= part
-        boxes.append(_tight_box(body))
+        part, centre, radius = _part_mask(rng, patch, shape, body, options["part_fraction"])
+        _paint_part(rng, view, patch, part, centre, radius, label)
+        objects[patch.region] |= body
+        parts[patch.region] |= part
+        boxes.append(_tight_box(body, patch))
     return _finish(rng, canvas), np.stack(boxes), objects, parts, rods
 
 
@@ -265,7 +302,8 @@ def make_wsol_dataset(
       in random order.
     - `seed`: the same seed gives the same dataset.
     - `objects_per_image`: cells of the class per image, an int or an inclusive range; each gets
-      a ground-truth box.
+      a ground-truth box. For several cells lower `object_scale` (e.g. 0.10-0.15) so they fit;
+      an impossible layout raises `ValueError`.
     - `distractors_per_image`: rods per image, an int or an inclusive range.
     - `cooccurrence`: probability that a rod has its class's paired colour.
     - `decoy_probability`: probability of one extra cell without an inclusion.
@@ -282,6 +320,8 @@ def make_wsol_dataset(
         raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    if min(np.atleast_1d(objects_per_image)) < 1 or min(np.atleast_1d(distractors_per_image)) < 0:
+        raise ValueError("need at least one object per image and no negative distractor count")
     if not 0.0 < part_fraction[0] <= part_fraction[1] < 1.0:
         raise ValueError(f"part_fraction must be a range inside (0, 1), got {part_fraction}")
     options = dict(

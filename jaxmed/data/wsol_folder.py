@@ -20,7 +20,8 @@ centres fall inside it (the pixel-centre alignment of Pillow's resize), at least
 
 Images that have no row in a given `boxes.csv` are allowed (their box array is empty, shape
 `(0, 4)`): box files often cover only the evaluation images. Localisation metrics skip them.
-A box file with only its header is valid and gives no boxes.
+A box file with only its header is valid and gives no boxes; without a box file the dataset's
+`boxes` is `None`.
 
 Boxes are for evaluation only; training uses `images` and `labels`. Every problem with the
 user's files raises `jaxmed.errors.InputDataError` naming the file (and the CSV line).
@@ -54,7 +55,8 @@ class WsolDataset:
     - `images`: uint8 `(N, S, S, 3)`.
     - `labels`: int32 `(N,)`, indices into `class_names`.
     - `boxes`: `N` int32 arrays `(k, 4)` of `[x0, y0, x1, y1]`, inclusive pixel indices
-      (`k = 0` when an image has no box). For evaluation only.
+      (`k = 0` when an image has no box), or `None` when the dataset has no box file at all.
+      For evaluation only.
     - `class_names`: the class names, index = label.
     - `masks`: bool `(N, S, S)` ground-truth object masks (synthetic data only, else `None`).
     - `parts`: bool `(N, S, S)` the small class-specific parts (synthetic only).
@@ -64,7 +66,7 @@ class WsolDataset:
 
     images: np.ndarray
     labels: np.ndarray
-    boxes: list[np.ndarray]
+    boxes: list[np.ndarray] | None
     class_names: list[str]
     masks: np.ndarray | None = None
     parts: np.ndarray | None = None
@@ -84,7 +86,7 @@ class WsolDataset:
         return WsolDataset(
             images=self.images[indices],
             labels=self.labels[indices],
-            boxes=[self.boxes[i] for i in indices],
+            boxes=None if self.boxes is None else [self.boxes[i] for i in indices],
             class_names=list(self.class_names),
             masks=take(self.masks),
             parts=take(self.parts),
@@ -218,8 +220,8 @@ def load_wsol_folder(
     - `root`: the dataset folder.
     - `image_size`: every image is resized to `image_size x image_size` (bilinear, Pillow);
       boxes are mapped onto the resized images.
-    - `boxes_csv`: the box file; `None` uses `root/boxes.csv` when it exists (no boxes
-      otherwise).
+    - `boxes_csv`: the box file; `None` uses `root/boxes.csv` when it exists, otherwise the
+      dataset has `boxes = None`.
 
     **Returns:** a `WsolDataset` ordered by class, then file name; `paths` set, no masks.
 
@@ -244,12 +246,14 @@ def load_wsol_folder(
             images.append(_resized(pixels, image_size))
     if boxes_csv is None and (root / BOXES_CSV).is_file():
         boxes_csv = root / BOXES_CSV
-    stored = {} if boxes_csv is None else read_boxes(boxes_csv, sizes)
-    new_hw = (image_size, image_size)
-    boxes = [
-        scale_boxes(stored[name], sizes[name], new_hw) if name in stored else np.zeros((0, 4), np.int32)
-        for name in paths
-    ]
+    boxes = None
+    if boxes_csv is not None:
+        stored, new_hw = read_boxes(boxes_csv, sizes), (image_size, image_size)
+        boxes = [
+            scale_boxes(stored[name], sizes[name], new_hw) if name in stored
+            else np.zeros((0, 4), np.int32)
+            for name in paths
+        ]
     return WsolDataset(
         images=np.stack(images),
         labels=np.array(labels, dtype=np.int32),
@@ -266,30 +270,42 @@ def _default_paths(dataset: WsolDataset) -> list[str]:
     return [f"{dataset.class_names[label]}/{i:05d}.png" for i, label in enumerate(dataset.labels)]
 
 
+def _write_boxes(path: Path, paths: list[str], boxes: list[np.ndarray]) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(BOX_COLUMNS)
+    for name, image_boxes in zip(paths, boxes):
+        writer.writerows([name, *map(int, box)] for box in image_boxes)
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_text(text.getvalue())
+    os.replace(temporary, path)
+
+
 def write_wsol_folder(dataset: WsolDataset, root: str | os.PathLike) -> Path:
     """Write `dataset` in the folder layout that `load_wsol_folder` reads.
 
     Images go to `root/<class>/<name>.png` (`dataset.paths` when set, else `<index>.png` with a
-    5-digit index), boxes to `root/boxes.csv`, written last so that its presence marks a
-    complete folder. Masks are not written. Every class gets a folder, so a class without images
-    makes a folder that `load_wsol_folder` refuses. `root` must be absent or empty (nothing is
-    overwritten or deleted).
+    5-digit index); boxes, unless `dataset.boxes` is `None`, to `root/boxes.csv`, written last
+    so that its presence marks a complete folder. Masks are not written. Every class gets a
+    folder, so a class without images makes a folder that `load_wsol_folder` refuses. `root`
+    must be absent or empty (nothing is overwritten or deleted), and `class_names` sorted (the
+    loader labels folders in sorted order).
 
-    **Returns:** the path of `boxes.csv`.
+    **Returns:** the path of `boxes.csv` (not written when the dataset has no boxes).
     """
+    if list(dataset.class_names) != sorted(dataset.class_names):
+        raise ValueError(
+            f"class names must be sorted, or loading the folder would change the labels: "
+            f"{dataset.class_names}"
+        )
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root}: exists and is not an empty folder")
     paths = dataset.paths if dataset.paths is not None else _default_paths(dataset)
     for name in dataset.class_names:
         (root / name).mkdir(parents=True, exist_ok=True)
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(BOX_COLUMNS)
-    for pixels, name, boxes in zip(dataset.images, paths, dataset.boxes):
+    for pixels, name in zip(dataset.images, paths):
         write_image(root / name, pixels)
-        writer.writerows([name, *map(int, box)] for box in boxes)
-    temporary = root / f".{BOXES_CSV}.partial"
-    temporary.write_text(text.getvalue())
-    os.replace(temporary, root / BOXES_CSV)
+    if dataset.boxes is not None:
+        _write_boxes(root / BOXES_CSV, paths, dataset.boxes)
     return root / BOXES_CSV

@@ -1,0 +1,205 @@
+"""`python -m train.wsol` end to end, in subprocesses: training outputs (metrics, checkpoints,
+figures, thresholds), resume, a folder dataset with boxes, `localize` on images of other sizes,
+and bad inputs that fail naming the file without touching an existing work directory.
+
+Phase 1 trains on synthetic data and on a folder; phase 2 starts what needs a trained run
+(see tests/programs.py).
+"""
+
+import csv
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxmed.data.synthetic_wsol import make_wsol_dataset, write_wsol_folder
+from tests.programs import (PNG_MAGIC, ROOT, TIMEOUT, Job, failure_message, metrics_rows, once,
+                            program_env, session_folder, snapshot)
+
+TINY = ["--image-size", "32", "--synthetic-images", "48", "--synthetic-classes", "3",
+        "--widths", "4,4,8,8,8", "--conv6-width", "8", "--batch-size", "8", "--eval-every", "2",
+        "--checkpoint-every", "2", "--log-every", "1", "--warmup-steps", "1", "--figures", "4",
+        "--no-progress"]
+
+
+def _train(workdir: pathlib.Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "train.wsol", "--workdir", str(workdir), *TINY, *extra]
+
+
+def _localize(workdir: pathlib.Path, output: pathlib.Path, *inputs: pathlib.Path) -> list[str]:
+    return [sys.executable, "-m", "train.wsol", "localize", "--workdir", str(workdir),
+            "--input", *map(str, inputs), "--output", str(output)]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return session_folder(tmp_path_factory, "wsol_program")
+
+
+def _folder_dataset(root: pathlib.Path) -> pathlib.Path:
+    write_wsol_folder(make_wsol_dataset(30, image_size=40, num_classes=3, seed=5), root)
+    return root
+
+
+def _bad_cases(root: pathlib.Path) -> dict[str, tuple[list[str], str, tuple[str, ...]]]:
+    """Bad folders: (extra training options, the path the message must name, words in it)."""
+    cases = {}
+    corrupt = _folder_dataset(root / "corrupt")
+    victim = sorted((corrupt / sorted(os.listdir(corrupt))[0]).glob("*.png"))[0]
+    victim.write_bytes(b"not a png at all")
+    cases["corrupt"] = (["--data-dir", str(corrupt)], str(victim), ("cannot read",))
+    boxes = _folder_dataset(root / "boxes")
+    table = boxes / "boxes.csv"
+    with open(table, "a") as f:
+        f.write("no/such.png,1,2,3\n")
+    cases["boxes"] = (["--data-dir", str(boxes), "--boxes", str(table)], str(table), ("line",))
+    empty = root / "empty"
+    (empty / "a").mkdir(parents=True, exist_ok=True)
+    (empty / "b").mkdir(exist_ok=True)
+    cases["empty"] = (["--data-dir", str(empty)], str(empty / "a"), ("no image",))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def trainings(tmp):
+    cache = tmp / "jax_cache"
+    folder = tmp / "folder_data"
+    commands = {
+        "synthetic": _train(tmp / "run", "--steps", "4"),
+        "folder": _train(tmp / "folder_run", "--steps", "2", "--data-dir", str(folder),
+                         "--boxes", str(folder / "boxes.csv"), "--modules", "none"),
+    }
+    jobs = {name: Job(tmp, name) for name in commands}
+
+    def launch():
+        _folder_dataset(folder)
+        for name, args in commands.items():
+            jobs[name].start(args, program_env(cache))
+
+    once(tmp, "phase1", launch)
+    yield jobs
+    for job in jobs.values():
+        job.finish()
+
+
+@pytest.fixture(scope="module")
+def followups(tmp, trainings):
+    run, cache = tmp / "run", tmp / "jax_cache"
+    inputs = [tmp / "inputs" / "wide.png", tmp / "inputs" / "grey.png"]
+    bad = _bad_cases(tmp / "bad")
+    commands = {"resume": _train(tmp / "resumed", "--steps", "6"),
+                "localize": _localize(run, tmp / "localized", *inputs),
+                "localize_missing": _localize(run, tmp / "localized_bad", tmp / "inputs" / "nope.png")}
+    for case, (extra, _, _) in bad.items():
+        commands[case] = _train(run, "--steps", "4", *extra)
+    jobs = {name: Job(tmp, name) for name in commands}
+
+    def launch():
+        trainings["synthetic"].ok()
+        (tmp / "run_before.json").write_text(json.dumps(snapshot(run)))
+        shutil.copytree(run, tmp / "resumed", symlinks=True)
+        images = make_wsol_dataset(2, image_size=48, num_classes=3, seed=9).images
+        inputs[0].parent.mkdir(exist_ok=True)
+        Image.fromarray(images[0]).resize((70, 45)).save(inputs[0])
+        Image.fromarray(images[1]).convert("L").save(inputs[1])
+        for name, args in commands.items():
+            jobs[name].start(args, program_env(cache))
+
+    once(tmp, "phase2", launch)
+    before = [tuple(entry) for entry in json.loads((tmp / "run_before.json").read_text())]
+    yield dict(jobs=jobs, bad=bad, before=before)
+    for job in jobs.values():
+        job.finish()
+
+
+def test_training_writes_every_output(tmp, trainings):
+    done = trainings["synthetic"].ok()
+    run = tmp / "run"
+    for name in ("val_top1", "val_maxboxacc_50", "val_maxboxacc_70", "val_maxboxacc_v2"):
+        assert name in done.stdout, done.stdout[-2000:]
+    rows = metrics_rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert len({round(r["loss"], 6) for r in rows}) > 1  # the loss moves
+    evaluated = [r for r in rows if "val_maxboxacc_50" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    for row in evaluated:
+        assert 0 <= row["val_top1"] <= 100 and 0 <= row["val_maxboxacc_v2"] <= 100
+        assert 0 <= row["val_threshold_50"] < 1
+    assert sorted(os.listdir(run / "checkpoints")) == ["2", "4"]
+    assert len(os.listdir(run / "best")) == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["modules"] == ["conv4_3", "conv5_3"] and config["num_classes"] == 3
+    assert config["best_metric"] == "val_maxboxacc_v2"
+    thresholds = json.loads((run / "localization.json").read_text())
+    assert 0 <= thresholds["threshold_50"] < 1
+    assert (run / "figures" / "validation.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_folder_dataset_with_boxes_and_baseline(tmp, trainings):
+    done = trainings["folder"].ok()
+    assert "val_maxboxacc_50" in done.stdout
+    config = json.loads((tmp / "folder_run" / "config.json").read_text())
+    assert config["modules"] == [] and len(config["class_names"]) == 3
+
+
+def test_help_lists_every_option():
+    done = subprocess.run([sys.executable, "-m", "train.wsol", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    for option in ("--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
+                   "--synthetic-classes", "--modules", "--widths", "--conv6-width", "--batch-norm",
+                   "--cr", "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay",
+                   "--warmup-steps", "--figures", "--steps", "--batch-size", "--workdir"):
+        assert option in done.stdout, option
+
+
+def test_resume_continues(tmp, followups):
+    done = followups["jobs"]["resume"].ok()
+    assert "Resuming from step 4" in done.stdout + done.stderr
+    assert [r["step"] for r in metrics_rows(tmp / "resumed")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_localize_writes_class_box_and_cam_at_the_image_size(tmp, followups):
+    followups["jobs"]["localize"].ok()
+    out = tmp / "localized"
+    with open(out / "localization.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [pathlib.Path(r["image"]).name for r in rows] == ["wide.png", "grey.png"]
+    classes = json.loads((tmp / "run" / "config.json").read_text())["class_names"]
+    for row, (width, height) in zip(rows, [(70, 45), (48, 48)]):
+        assert row["class"] in classes and 0 < float(row["probability"]) <= 1
+        x0, y0, x1, y1 = (int(row[k]) for k in ("x0", "y0", "x1", "y1"))
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+        stem = pathlib.Path(row["image"]).stem
+        cam = np.asarray(Image.open(out / f"{stem}_cam.png"))
+        assert cam.shape == (height, width) and cam.max() == 255
+        assert (out / f"{stem}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("case", ["corrupt", "boxes", "empty"])
+def test_bad_input_fails_naming_the_file(followups, case):
+    _, path, words = followups["bad"][case]
+    message = failure_message(followups["jobs"][case].result())
+    assert path in message, message
+    for word in words:
+        assert word in message.lower(), message
+
+
+def test_localize_missing_file(tmp, followups):
+    message = failure_message(followups["jobs"]["localize_missing"].result())
+    assert str(tmp / "inputs" / "nope.png") in message
+
+
+def test_failed_runs_leave_the_work_directory_untouched(tmp, followups):
+    for case in followups["bad"]:
+        assert followups["jobs"][case].result().returncode != 0
+    followups["jobs"]["localize"].result()
+    assert snapshot(tmp / "run") == followups["before"]
