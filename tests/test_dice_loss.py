@@ -164,6 +164,7 @@ def test_check_grads(squared):
     with jax.enable_x64(True):
         x = jnp.asarray(logits, jnp.float64)
 
+        @jax.jit
         def loss(z):
             kwargs = dict(squared=squared, ignore_index=IGNORE, class_weights=np.array([1.0, 2.0, 0.5]))
             return ce_dice_loss(z, labels, **kwargs)

@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     init_distributed(args)
     workdir = Path(args.workdir)
     train_set, val_set = _dataset(args)
-    has_boxes = val_set.boxes is not None
+    has_boxes = val_set.boxes is not None and any(len(b) for b in val_set.boxes)
     config = {k: getattr(args, k) for k in MODEL_KEYS if hasattr(args, k)}
     config.update(num_classes=len(train_set.class_names), class_names=list(train_set.class_names),
                   best_metric="val_maxboxacc_v2" if has_boxes else "val_top1", best_mode="max")

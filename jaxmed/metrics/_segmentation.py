@@ -25,7 +25,7 @@ Array = Any
 def _raise_if_invalid(num_invalid: Array, *, num_classes: int) -> None:
     if int(num_invalid) > 0:
         raise ValueError(
-            f"confusion_matrix: {int(num_invalid)} pixels have a label or prediction outside "
+            f"confusion_matrix: {int(num_invalid)} pixel(s) with a label or prediction outside "
             f"[0, {num_classes}) (and not ignore_index); map or ignore them before scoring"
         )
 

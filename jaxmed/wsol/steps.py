@@ -112,12 +112,14 @@ def validation(wsol: Wsol, images: np.ndarray, labels: np.ndarray,
                                           jnp.asarray(labels[padded]))
             probabilities, maps = np.asarray(probabilities)[: len(rows)], np.asarray(maps)[: len(rows)]
             correct += int(np.sum(np.argmax(probabilities, -1) == labels[rows]))
-            if boxes is not None:
-                truth = [boxes[i] for i in rows]
-                v1.update(maps, truth)
-                v2.update(maps, truth)
+            if boxes is not None:  # images without a box take no part in localisation
+                boxed = [j for j, i in enumerate(rows) if len(boxes[i])]
+                if boxed:
+                    truth = [boxes[rows[j]] for j in boxed]
+                    v1.update(maps[boxed], truth)
+                    v2.update(maps[boxed], truth)
         metrics = {"val_top1": 100.0 * correct / count}
-        if boxes is not None:
+        if boxes is not None and any(len(b) for b in boxes):
             first, second = v1.result(), v2.result()
             for delta in (0.5, 0.7):
                 metrics[f"val_maxboxacc_{int(delta * 100)}"] = first.accuracy[delta]
