@@ -93,7 +93,7 @@ def _dataset(args) -> tuple[np.ndarray, np.ndarray]:
         raise InputDataError("give both --images and --masks, or neither (synthetic data)")
     if args.images:
         pairs = load_segmentation_folder(args.images, args.masks, num_classes=args.num_classes,
-                                         mask_suffix=args.mask_suffix)
+                                         mask_suffix=args.mask_suffix, check_values=True)
         read = [read_pair(image, mask, args.num_classes) for image, mask in pairs]
         return _letterboxed([r[0] for r in read], [r[1] for r in read], args.image_size)
     images, masks = make_kidney_phantoms(args.synthetic_images, size=args.image_size,
@@ -113,7 +113,7 @@ def _split(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 def _augmentation(enabled: bool):
     def transform(example: dict, rng: np.random.Generator) -> dict:
-        image, mask = augment_pair(example["image"], example["mask"], rng, fill_label=IGNORE)
+        image, mask = augment_pair(example["image"], example["mask"], rng, mask_fill=IGNORE)
         return {"image": image, "mask": mask}
 
     return transform if enabled else None

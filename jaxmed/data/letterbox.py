@@ -152,14 +152,14 @@ def _resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if image.shape[:2] == shape:
         return image.copy() if image.dtype == np.uint8 else image.astype(np.float32)
     pil_size = (shape[1], shape[0])  # Pillow sizes are (width, height)
+    # Pillow infers the mode from the array: L or RGB for uint8, F for 2-D float32.
     if image.dtype == np.uint8 and (image.ndim == 2 or image.shape[2] == 3):
-        mode = "L" if image.ndim == 2 else "RGB"
-        return np.asarray(Image.fromarray(image, mode).resize(pil_size, Image.BILINEAR))
-    mode, dtype = ("L", np.uint8) if image.dtype == np.uint8 else ("F", np.float32)
+        return np.asarray(Image.fromarray(image).resize(pil_size, Image.BILINEAR))
+    dtype = np.uint8 if image.dtype == np.uint8 else np.float32
     channels = image[..., None] if image.ndim == 2 else image
     out = np.stack(
         [
-            np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., c], dtype), mode)
+            np.asarray(Image.fromarray(np.ascontiguousarray(channels[..., c], dtype))
                        .resize(pil_size, Image.BILINEAR))
             for c in range(channels.shape[2])
         ],

@@ -89,7 +89,9 @@ def test_bilinear_enlarging_matches_opencv(channels):
     np.testing.assert_allclose(out, reference, atol=1e-5)
 
 
-@pytest.mark.parametrize("in_shape, out_shape", [((90, 70), (31, 29)), ((40, 40), (13, 40)), ((12, 30), (30, 12))])
+@pytest.mark.parametrize(
+    "in_shape, out_shape", [((90, 70), (31, 29)), ((40, 40), (13, 40)), ((12, 30), (30, 12))]
+)
 def test_bilinear_matches_triangle_filter(in_shape, out_shape):
     image = np.random.default_rng(3).normal(size=in_shape + (2,)).astype(np.float32)
     rows, cols = (_pillow_triangle_weights(i, o) for i, o in zip(in_shape, out_shape))
@@ -147,7 +149,8 @@ def test_logits_round_trip_then_argmax(shape):
     back = unletterbox(padded, box, order=1)
     assert back.shape == shape + (3,) and back.dtype == np.float32
     assert np.mean(back.argmax(-1) == labels) >= 0.99
-    smooth = scipy.ndimage.gaussian_filter(np.random.default_rng(5).normal(size=shape), 6.0).astype(np.float32)
+    noise = np.random.default_rng(5).normal(size=shape)
+    smooth = scipy.ndimage.gaussian_filter(noise, 6.0).astype(np.float32)
     padded, box = letterbox(smooth, 160, order=1)
     assert np.abs(unletterbox(padded, box, order=1) - smooth).max() < 0.05 * np.abs(smooth).max()
 
