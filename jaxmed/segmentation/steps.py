@@ -83,7 +83,7 @@ def build_segmenter(config: dict[str, Any]) -> Segmenter:
     model = SegmentationNet(num_classes=config["num_classes"], depth=config["depth"],
                             width=config["width"], output_stride=config["output_stride"],
                             use_cbam=config["cbam"], use_ppm=config["ppm"],
-                            aux_head=config["aux_weight"] > 0, dropout=config["dropout"],
+                            aux_head=config["aux_weight"] > 0, dropout_rate=config["dropout"],
                             dtype=dtype)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config["learning_rate"], warmup_steps=min(config["warmup_steps"], config["steps"] - 1),

@@ -234,6 +234,7 @@ def test_check_grads_bottleneck():
         x = _x((1, 5, 5, 3), dtype=jnp.float64)
         variables = _random_variables(block, x, seed=2)
 
+        @jax.jit
         def f(x, params):
             y, _ = block.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
             return y
@@ -241,71 +242,93 @@ def test_check_grads_bottleneck():
         check_grads(f, (x, variables["params"]), order=1, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
+def test_convolutions_start_he_normal_on_fan_out():
+    # As torchvision: std sqrt(2 / fan_out), fan_out = 9 * 32 for a 3x3 conv to 32 channels.
+    variables = jax.jit(Bottleneck(32).init)(KEY, jnp.zeros((1, 5, 5, 128)))
+    kernel = variables["params"]["conv2"]["kernel"]  # [3, 3, 32, 32]
+    np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / (9 * 32)), rtol=0.05)
+    np.testing.assert_allclose(np.mean(kernel), 0.0, atol=0.01)
+
+
+def test_blocks_under_vmap_equal_the_batched_call():
+    block = Bottleneck(2, strides=2, dilation=2)
+    xs = _x((3, 1, 7, 7, 4))
+    variables = _random_variables(block, xs[:, 0])
+    per_sample = jax.jit(jax.vmap(lambda x: block.apply(variables, x)))(xs)  # eval mode: independent
+    np.testing.assert_allclose(per_sample[:, 0], block.apply(variables, xs[:, 0]), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------
-# Tiny real networks
+# Tiny real networks (random variables from eval_shape; one compiled program per configuration)
 # ----------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny(**overrides):
-    """A tiny model and its initialised variables (cached: each configuration initialises once)."""
+    """A tiny model (32 x 32 inputs) and random variables of its shapes, cached per configuration."""
     model = SegmentationNet(**{**TINY, **overrides})
-    return model, jax.jit(model.init)(KEY, jnp.zeros((2, 32, 32, 3)))
+    return model, _random_variables(model, _spec((2, 32, 32, 3)))
 
 
-def _apply_train(model, variables, x, key):
-    return jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
-        variables, x, rngs={"dropout": key})
+@functools.lru_cache(maxsize=None)
+def _eval_fn(**overrides):
+    """Jitted eval-mode apply returning (outputs, intermediates incl. the head's low-res logits)."""
+    model, _ = _tiny(**overrides)
+    capture = lambda module, method: module.name == "head"  # noqa: E731
+    return jax.jit(functools.partial(model.apply, mutable=["intermediates"], capture_intermediates=capture))
 
 
-def test_tiny_forward_eval_and_train():
+def test_tiny_forward_eval_and_train_with_dropout():
     model, variables = _tiny(aux_head=True)
     x = _x((2, 32, 32, 3))
-    out = jax.jit(model.apply)(variables, x)
+    out, _ = _eval_fn(aux_head=True)(variables, x)
     assert out["logits"].shape == out["aux_logits"].shape == (2, 32, 32, 2)
     assert all(bool(jnp.isfinite(v).all()) for v in out.values())
-    out_train, updates = _apply_train(model, variables, x, jax.random.key(1))
-    assert out_train["logits"].shape == (2, 32, 32, 2) and bool(jnp.isfinite(out_train["logits"]).all())
-    # Train mode normalises with batch statistics and moves every running average.
+
+    train = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    a, updates = train(variables, x, rngs={"dropout": jax.random.key(1)})
+    b, _ = train(variables, x, rngs={"dropout": jax.random.key(2)})
+    c, _ = train(variables, x, rngs={"dropout": jax.random.key(1)})
+    assert a["logits"].shape == a["aux_logits"].shape == (2, 32, 32, 2)
+    assert all(bool(jnp.isfinite(v).all()) for v in a.values())
+    assert not np.allclose(out["logits"], a["logits"])  # batch statistics, not running averages
+    # Train mode moves every running average.
     old, new = variables["batch_stats"], updates["batch_stats"]
     assert jax.tree.structure(old) == jax.tree.structure(new)
-    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), old, new))
-    assert all(moved)
-    assert not np.allclose(out["logits"], out_train["logits"])
-
-
-def test_dropout_needs_and_uses_its_rng():
-    model, variables = _tiny(aux_head=True)
-    x = _x((2, 32, 32, 3))
-    a, _ = _apply_train(model, variables, x, jax.random.key(1))
-    b, _ = _apply_train(model, variables, x, jax.random.key(2))
-    c, _ = _apply_train(model, variables, x, jax.random.key(1))
+    assert all(jax.tree.leaves(jax.tree.map(lambda p, q: bool(jnp.any(p != q)), old, new)))
+    # Dropout draws from the 'dropout' rng in both heads, and only from it.
     assert not np.allclose(a["logits"], b["logits"]) and not np.allclose(a["aux_logits"], b["aux_logits"])
     np.testing.assert_array_equal(a["logits"], c["logits"])
     with pytest.raises(Exception, match="dropout"):
-        model.apply(variables, x, train=True, mutable=["batch_stats"])
-    # Without dropout the same call no longer depends on the key.
-    plain, plain_vars = _tiny(dropout_rate=0.0)
-    a, _ = _apply_train(plain, plain_vars, x, jax.random.key(1))
-    b, _ = _apply_train(plain, plain_vars, x, jax.random.key(2))
-    np.testing.assert_array_equal(a["logits"], b["logits"])
+        jax.eval_shape(functools.partial(model.apply, train=True, mutable=["batch_stats"]), variables, x)
 
 
 def test_logits_are_align_corners_upsampling_of_the_head():
-    model, variables = _tiny()
-    x = _x((1, 32, 32, 3))
-    out, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
-    low = np.asarray(state["intermediates"]["head"]["__call__"][0], np.float64)  # [1, 2, 2, 2]
-    assert low.shape == (1, 2, 2, 2)  # 32 / output stride 16
+    _, variables = _tiny(aux_head=True)
+    out, state = _eval_fn(aux_head=True)(variables, _x((2, 32, 32, 3)))
+    low = np.asarray(state["intermediates"]["head"]["__call__"][0], np.float64)
+    assert low.shape == (2, 2, 2, 2)  # 32 / output stride 16
 
     def axis_matrix(n_in, n_out):  # align_corners=True: output o samples o (n_in - 1) / (n_out - 1)
         src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
         return np.maximum(0, 1 - np.abs(src[:, None] - np.arange(n_in)[None, :]))
 
     m = axis_matrix(2, 32)
-    want = np.einsum("ih,jw,bhwc->bijc", m, m, low)
-    np.testing.assert_allclose(out["logits"], want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["logits"][0, -1, -1], low[0, -1, -1], rtol=1e-6)
+    np.testing.assert_allclose(out["logits"], np.einsum("ih,jw,bhwc->bijc", m, m, low), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["logits"][:, -1, -1], low[:, -1, -1], rtol=1e-6, atol=1e-6)
+
+
+def test_dilation_changes_layer4_size_with_the_same_params():
+    _, variables = _tiny(aux_head=True)
+    x = _x((2, 32, 32, 3))
+    sizes = {}
+    for os in (16, 8):
+        # Dilation adds no parameters: the output-stride-16 variables fit output stride 8.
+        out, state = _eval_fn(aux_head=True, output_stride=os)(variables, x)
+        assert out["logits"].shape == (2, 32, 32, 2) and bool(jnp.isfinite(out["logits"]).all())
+        feats = state["intermediates"]
+        sizes[os] = [feats[f"layer{i}_features"][0].shape[1:3] for i in (2, 3, 4)]
+    assert sizes == {16: [(4, 4), (2, 2), (2, 2)], 8: [(4, 4), (4, 4), (4, 4)]}
 
 
 def test_ablation_flags_change_the_param_tree():
@@ -324,50 +347,30 @@ def test_ablation_flags_change_the_param_tree():
     assert trees[("aux_head",)]["aux_head"]["conv"]["kernel"].shape == (3, 3, 16, 16)
 
 
-@pytest.mark.parametrize("flags", [dict(use_cbam=False), dict(use_ppm=False)])
-def test_ablated_models_run(flags):
-    model, variables = _tiny(**flags)
-    out = jax.jit(model.apply)(variables, _x((2, 32, 32, 3)))
+def test_ablated_model_runs_and_sows_no_attention():
+    _, variables = _tiny(use_cbam=False, use_ppm=False)
+    out, state = _eval_fn(use_cbam=False, use_ppm=False)(variables, _x((2, 32, 32, 3)))
     assert out["logits"].shape == (2, 32, 32, 2) and bool(jnp.isfinite(out["logits"]).all())
-
-
-def test_dilation_changes_layer4_size_with_the_same_params():
-    model16, variables = _tiny()
-    x = _x((1, 32, 32, 3))
-    sizes = {}
-    for os in (8, 16, 32):
-        model = SegmentationNet(**TINY, output_stride=os)
-        # Dilation adds no parameters: the output-stride-16 parameters fit every output stride.
-        out, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, x)
-        assert out["logits"].shape == (1, 32, 32, 2) and bool(jnp.isfinite(out["logits"]).all())
-        sizes[os] = [state["intermediates"][f"layer{i}_features"][0].shape[1] for i in (3, 4)]
-    assert sizes == {8: [4, 4], 16: [2, 2], 32: [2, 1]}
+    assert not any("attention" in k for k in state["intermediates"])
 
 
 def test_bfloat16_forward_is_finite():
-    for dtype in (jnp.bfloat16,):
-        model = SegmentationNet(**TINY, aux_head=True, dtype=dtype)
-        _, variables = _tiny(aux_head=True)
-        out = jax.jit(model.apply)(variables, _x((2, 32, 32, 3), dtype=dtype))
-        assert out["logits"].dtype == dtype
-        assert all(bool(jnp.isfinite(v.astype(jnp.float32)).all()) for v in out.values())
-    params16 = SegmentationNet(**TINY, param_dtype=jnp.bfloat16)
-    variables = jax.eval_shape(params16.init, KEY, _spec((1, 32, 32, 3)))
-    assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.bfloat16)}
+    model = SegmentationNet(**TINY, aux_head=True, dtype=jnp.bfloat16)
+    _, variables = _tiny(aux_head=True)
+    out = jax.jit(model.apply)(variables, _x((2, 32, 32, 3), dtype=jnp.bfloat16))
+    assert out["logits"].dtype == out["aux_logits"].dtype == jnp.bfloat16
+    assert all(bool(jnp.isfinite(v.astype(jnp.float32)).all()) for v in out.values())
+    stored = jax.eval_shape(SegmentationNet(**TINY, param_dtype=jnp.bfloat16).init, KEY, _spec((1, 32, 32, 3)))
+    assert {leaf.dtype for leaf in jax.tree.leaves(stored["params"])} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_volumes_3d_and_jit_vmap():
-    model = SegmentationNet(depth=18, width=2, num_classes=2, aux_head=True)
-    x = _x((1, 16, 16, 16, 1))
-    variables = jax.jit(model.init)(KEY, x)
+def test_volumes_3d():
+    model = SegmentationNet(depth=18, width=2, num_classes=2)
+    x = _x((1, 8, 8, 8, 1))
+    variables = _random_variables(model, x)
+    assert variables["params"]["stem"]["conv1"]["kernel"].shape == (3, 3, 3, 1, 2)
     out = jax.jit(model.apply)(variables, x)
-    assert out["logits"].shape == out["aux_logits"].shape == (1, 16, 16, 16, 2)
-    assert bool(jnp.isfinite(out["logits"]).all())
-    # vmap over a leading axis equals the batched call (eval mode: samples are independent).
-    m2, v2 = _tiny()
-    xs = _x((2, 1, 32, 32, 3))
-    per = jax.vmap(lambda xi: m2.apply(v2, xi)["logits"])(xs)
-    np.testing.assert_allclose(per[:, 0], jax.jit(m2.apply)(v2, xs[:, 0])["logits"], rtol=1e-4, atol=1e-4)
+    assert out["logits"].shape == (1, 8, 8, 8, 2) and bool(jnp.isfinite(out["logits"]).all())
 
 
 def test_bad_configuration_and_input_raise():
