@@ -108,15 +108,21 @@ def resize_maps(maps: jax.Array, size: int | Sequence[int], *, method: str = "cu
 # ----------------------------------------------------------------------------
 
 
-def _normalize_scoremap(maps: jax.Array) -> jax.Array:
-    """Per-map min–max to [0, 1]; a constant map or one holding a NaN becomes all zeros."""
+def _degenerate(maps: jax.Array) -> jax.Array:
+    """Per map `[B, 1..]`: True when it is constant or holds a NaN or ±inf."""
     axes = tuple(range(1, maps.ndim))
-    bad = jnp.any(jnp.isnan(maps), axis=axes, keepdims=True)
+    finite = jnp.all(jnp.isfinite(maps), axis=axes, keepdims=True)
+    return ~finite | (jnp.min(maps, axis=axes, keepdims=True) == jnp.max(maps, axis=axes, keepdims=True))
+
+
+def _normalize_scoremap(maps: jax.Array) -> jax.Array:
+    """Per-map min–max to [0, 1]; a degenerate map (`_degenerate`) becomes all zeros."""
+    axes = tuple(range(1, maps.ndim))
+    bad = _degenerate(maps)
     safe = jnp.where(bad, 0.0, maps)
     low = jnp.min(safe, axis=axes, keepdims=True)
     span = jnp.max(safe, axis=axes, keepdims=True) - low
-    ok = ~bad & (span > 0)
-    return jnp.where(ok, (safe - low) / jnp.where(ok, span, 1.0), 0.0)
+    return jnp.where(bad, 0.0, (safe - low) / jnp.where(bad, 1.0, span))
 
 
 def cam(
@@ -136,7 +142,9 @@ def cam(
     that ``mean over positions of CAM + bias = logit`` for a GAP + Dense head. When
     `image_size` is given the map is resized to it (OpenCV bicubic by default, as
     wsolevaluation), then — if `normalize` — min–max normalised per map to [0, 1], with a
-    constant map or a map holding a NaN set to zeros. Computed in float32.
+    constant map or a map holding a NaN or ±inf set to zeros. A map that is constant before
+    resizing is zeroed too (wsolevaluation would normalise the rounding noise of the resize
+    up to [0, 1]). Computed in float32.
 
     **Arguments:**
 
@@ -157,9 +165,14 @@ def cam(
     per_sample = jnp.take(weights, classes, axis=1).T  # w: [B, K]
     # HIGHEST: a bfloat16 pass on TPU would shift maps by ~0.4%, more than one threshold step.
     maps = jnp.einsum("b...k,bk->b...", features, per_sample, precision=jax.lax.Precision.HIGHEST)
+    # Resizing leaves a constant map constant only up to rounding (OpenCV's too), and min–max
+    # would blow that noise up to [0, 1]: maps constant before resizing are zeroed as well.
+    constant = _degenerate(maps).reshape(-1)  # [B]
     if image_size is not None:
         maps = resize_maps(maps, image_size, method=method)  # [B, *image_size]
-    return _normalize_scoremap(maps) if normalize else maps
+    if not normalize:
+        return maps
+    return jnp.where(constant.reshape(-1, *(1,) * (maps.ndim - 1)), 0.0, _normalize_scoremap(maps))
 
 
 # ----------------------------------------------------------------------------
@@ -190,7 +203,8 @@ def _probe_layer(model: nn.Module, variables: Any, image: jax.Array, layer: str,
 
     jax.eval_shape(run, variables, image)
     if not found:
-        raise ValueError(f"layer {layer!r} is not a submodule called by the model; available: {', '.join(paths)}")
+        raise ValueError(
+            f"layer {layer!r} is not a submodule called by the model; available: {', '.join(paths)}")
     if len(found) > 1:
         raise ValueError(f"layer {layer!r} is called {len(found)} times; Grad-CAM needs a single activation")
     out = found[0]
@@ -203,6 +217,11 @@ def _select_output(out: Any, output: str | int | None) -> Any:
     if output is not None:
         return out[output]
     return out
+
+
+def _drop_batch_of_one(leaf: Any) -> Any:
+    """A single-sample output leaf without its batch axis (leaves without one pass as they are)."""
+    return leaf[0] if jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == 1 else leaf
 
 
 def _index_score(out_i: jax.Array, index: jax.Array) -> jax.Array:
@@ -263,7 +282,9 @@ def grad_cam(
         summed over positions);
       - a callable ``target(out_i, i) -> scalar``: `out_i` is sample i's (selected) model
         output with the batch axis removed (a pytree if the model returns one and `output`
-        is None), `i` its index in the batch (a traced int, for indexing per-sample data).
+        is None; leaves whose leading axis is not of length 1, such as scalars, are passed
+        as they are), `i` its index in the batch (a traced int, for indexing per-sample
+        data).
     - `apply_kwargs`: extra keyword arguments of `model.apply` (e.g. `{'train': False}`).
     - `output`: key or index selecting one entry of a dict/tuple model output (e.g.
       `'logits'`); None uses the output as is.
@@ -294,7 +315,7 @@ def grad_cam(
 
         with nn.intercept_methods(perturb):
             out = _select_output(model.apply(variables, image[None], **apply_kwargs), output)
-        y = score_fn(jax.tree.map(lambda leaf: leaf[0], out), index)
+        y = score_fn(jax.tree.map(_drop_batch_of_one, out), index)
         if jnp.shape(y) != ():
             raise ValueError(f"the target score of one sample must be a scalar, got shape {jnp.shape(y)}")
         return jnp.asarray(y, jnp.float32), seen[0]
