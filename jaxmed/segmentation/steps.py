@@ -68,7 +68,8 @@ class Segmenter:
 
     @property
     def train_step(self):
-        return supervised_train_step(self.model, self.tx, self.loss, input_key="image")
+        return supervised_train_step(self.model, self.tx, self.loss, input_key="image",
+                                     preprocess=preprocess)
 
     def logits(self, state: TrainState, images: jax.Array) -> jax.Array:
         """Class scores `[B, H, W, classes]` (float32) of uint8 images."""

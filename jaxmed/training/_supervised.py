@@ -16,7 +16,8 @@ LossFn = Callable[[Any, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax
 
 
 def supervised_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
-                          *, input_key: str = "image"):
+                          *, input_key: str = "image",
+                          preprocess: Callable[[jax.Array], jax.Array] | None = None):
     """`(state, batch) -> (state, metrics)` for `fit`: one gradient step on `loss_fn`.
 
     The model is called as `model.apply(variables, batch[input_key], train=True)` with its
@@ -30,12 +31,16 @@ def supervised_train_step(model: nn.Module, tx: optax.GradientTransformation, lo
     - `loss_fn`: `(outputs, batch) -> (loss, metrics)`, `loss` a scalar; `metrics` scalars
       reported beside it.
     - `input_key`: the batch entry fed to the model.
+    - `preprocess`: applied to `batch[input_key]` on the device first (e.g. uint8 -> float);
+      use the same function at inference.
     """
 
     def train_step(state: TrainState, batch):
+        inputs = batch[input_key] if preprocess is None else preprocess(batch[input_key])
+
         def objective(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
-            outputs, updates = model.apply(variables, batch[input_key], train=True,
+            outputs, updates = model.apply(variables, inputs, train=True,
                                            rngs={"dropout": state.step_key()},
                                            mutable=["batch_stats"])
             loss, metrics = loss_fn(outputs, batch)

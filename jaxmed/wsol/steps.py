@@ -51,7 +51,8 @@ class Wsol:
     @property
     def train_step(self):
         return supervised_train_step(self.model, self.tx, _classification_loss,
-                                     input_key="image")
+                                     input_key="image",
+                                     preprocess=preprocess)
 
     def predict(self, state: TrainState, images: jax.Array,
                 classes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
