@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-size", type=int, default=128,
                    help="letterbox size of the model input (seed: 473) (default: %(default)s)")
     d.add_argument("--val-fraction", type=float, default=0.2, help="(default: %(default)s)")
-    d.add_argument("--synthetic-images", type=int, default=600,
+    d.add_argument("--synthetic-images", type=int, default=800,
                    help="synthetic phantoms (default: %(default)s)")
     d.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="flips, small rotations/scales and intensity jitter (default: %(default)s)")
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = parser.add_argument_group("outputs")
     f.add_argument("--figures", type=int, default=6,
                    help="validation images drawn in figures/validation.png (default: %(default)s)")
-    add_training_args(parser, workdir="runs/segment", steps=400, batch_size=8, log_every=20,
-                      checkpoint_every=100, eval_every=100, keep=3)
+    add_training_args(parser, workdir="runs/segment", steps=1500, batch_size=8, log_every=25,
+                      checkpoint_every=250, eval_every=250, keep=3)
     return parser
 
 

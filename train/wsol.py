@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic dataset size (default: %(default)s)")
     d.add_argument("--synthetic-classes", type=int, default=4,
                    help="synthetic classes (default: %(default)s)")
+    d.add_argument("--synthetic-cooccurrence", type=float, default=0.8,
+                   help="probability that a distractor rod has the colour paired with the "
+                        "image's class (default: %(default)s)")
     m = parser.add_argument_group("model")
     m.add_argument("--modules", type=_names, default=("conv4_3", "conv5_3"),
                    help="conv layers followed by a threshold-suppression module, comma-separated; "
@@ -93,7 +96,8 @@ def _dataset(args):
         data = load_wsol_folder(args.data_dir, image_size=args.image_size, boxes_csv=args.boxes)
     else:
         data = make_wsol_dataset(args.synthetic_images, image_size=args.image_size,
-                                 num_classes=args.synthetic_classes, seed=args.seed)
+                                 num_classes=args.synthetic_classes, seed=args.seed,
+                                 cooccurrence=args.synthetic_cooccurrence)
     return train_val_split(data, args.val_fraction, seed=args.seed)
 
 
