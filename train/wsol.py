@@ -21,7 +21,7 @@ import numpy as np
 from jaxmed.data.synthetic_wsol import make_wsol_dataset
 from jaxmed.data.wsol_folder import load_wsol_folder, train_val_split
 from jaxmed.errors import InputDataError
-from jaxmed.explain._boxes import cam_boxes
+from jaxmed.explain import cam_boxes
 from jaxmed.training import (ArraySource, add_training_args, fit, fit_options, init_distributed,
                              make_batches, write_run_config)
 from jaxmed.wsol.figures import localization_grid

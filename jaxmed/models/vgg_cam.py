@@ -5,7 +5,7 @@ The backbone is the CAM variant of VGG16 used by the WSOL evaluation protocol
 conv6 (3×3 → 1024, ReLU), global average pooling and one linear classifier. At 224×224 the
 last conv features are 14×14×1024; the class activation map of class c is
 ``Σ_k W[k, c] · features[..., k]`` with ``W = cam_weights(variables)`` (see
-`jaxmed.explain._cam.cam`).
+`jaxmed.explain.cam`).
 
 `ThresholdSuppression` modules (`jaxmed.layers`) can be inserted after any named conv layer
 (after its ReLU, before the following pool); the seed inserts one or two, after conv4_3 and

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxmed.losses import ce_dice_loss
-from jaxmed.metrics._segmentation import confusion_matrix, segmentation_scores
+from jaxmed.metrics import confusion_matrix, segmentation_scores
 from jaxmed.models.segmentation import SegmentationNet
 from jaxmed.training import TrainState, supervised_train_step
 

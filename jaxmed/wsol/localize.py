@@ -14,8 +14,7 @@ import numpy as np
 from PIL import Image
 
 from jaxmed.data.images import read_image, write_image
-from jaxmed.explain._boxes import cam_boxes, normalize_cams
-from jaxmed.explain._cam import resize_maps
+from jaxmed.explain import cam_boxes, normalize_cams, resize_maps
 from jaxmed.training import read_run_config, restore_trained
 from jaxmed.wsol.figures import localization_figure
 from jaxmed.wsol.steps import Wsol, build_wsol

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmed.explain._cam import cam
-from jaxmed.metrics._wsol import BoxAccumulator
+from jaxmed.explain import cam
+from jaxmed.metrics import BoxAccumulator
 from jaxmed.models.vgg_cam import VGGCAM
 from jaxmed.training import TrainState, supervised_train_step
 
