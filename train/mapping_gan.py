@@ -9,7 +9,6 @@ a plausible negative one, y = x + M(x); M(x) is the key feature map.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -17,13 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmed.data import nifti, synthetic_vagan
-from jaxmed.errors import InputDataError
 from jaxmed.mapping_gan import data
 from jaxmed.mapping_gan.apply import apply_to_files
 from jaxmed.mapping_gan.figures import key_feature_figure
 from jaxmed.mapping_gan.steps import build_mapping_gan, chunked_validation
-from jaxmed.training import (add_training_args, fit, fit_options, init_distributed, make_mesh, replicate,
-                             write_run_config)
+from jaxmed.training import (add_training_args, fit, fit_options, inference_parser, init_distributed,
+                             make_mesh, program_main, replicate, write_run_config)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -159,29 +157,17 @@ def _validation_figures(gan, state, study: data.Study, folder: Path, count: int)
 
 
 def apply_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.mapping_gan apply",
-        description="Write M(x) and y = x + M(x) as NIfTI (the input's affine and header, "
-                    "intensities in the normalised [-1, 1] units) and a PNG per input.")
-    parser.add_argument("--workdir", required=True, help="the training run's work directory")
-    parser.add_argument("--input", nargs="+", required=True, help="NIfTI volumes to map")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                        help="which checkpoint to load (default: %(default)s; latest if no best)")
+    parser = inference_parser(
+        "python -m train.mapping_gan apply", "Write M(x) and y = x + M(x) as NIfTI (the input's "
+        "affine and header, intensities in the normalised [-1, 1] units) and a PNG per input.",
+        "NIfTI volumes to map")
     args = parser.parse_args(argv)
     for path in apply_to_files(args.workdir, args.input, args.output, args.checkpoint):
         print(path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["apply"]:
-            apply_main(argv[1:])
-        else:
-            train(build_parser().parse_args(argv))
-    except InputDataError as error:
-        sys.exit(f"error: {error}")
+    program_main(argv, build_parser=build_parser, train=train, commands={"apply": apply_main})
 
 
 if __name__ == "__main__":

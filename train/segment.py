@@ -11,7 +11,6 @@ into outside kidney (0), hydronephrosis fluid (1) and kidney tissue (2).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -26,8 +25,8 @@ from jaxmed.errors import InputDataError
 from jaxmed.segmentation.figures import segmentation_grid
 from jaxmed.segmentation.predict import load_trained, predict_files
 from jaxmed.segmentation.steps import IGNORE, MODEL_KEYS, build_segmenter, validation
-from jaxmed.training import (ArraySource, add_training_args, fit, fit_options, init_distributed,
-                             make_batches, write_run_config)
+from jaxmed.training import (ArraySource, add_training_args, fit, fit_options, inference_parser,
+                             init_distributed, make_batches, program_main, write_run_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,29 +149,16 @@ def train(args: argparse.Namespace) -> dict[str, float]:
 
 
 def predict_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.segment predict",
-        description="Segment images: <name>_mask.png (class indices at the image's own size), "
-                    "<name>_colour.png and <name>_overlay.png.")
-    parser.add_argument("--workdir", required=True, help="the training run's work directory")
-    parser.add_argument("--input", nargs="+", required=True, help="image files")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                        help="which checkpoint to load (default: %(default)s)")
+    parser = inference_parser(
+        "python -m train.segment predict", "Segment images: <name>_mask.png (class indices at "
+        "the image's own size), <name>_colour.png and <name>_overlay.png.", "image files")
     args = parser.parse_args(argv)
     for path in predict_files(args.workdir, args.input, args.output, which=args.checkpoint):
         print(path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["predict"]:
-            predict_main(argv[1:])
-        else:
-            train(build_parser().parse_args(argv))
-    except InputDataError as error:
-        sys.exit(f"error: {error}")
+    program_main(argv, build_parser=build_parser, train=train, commands={"predict": predict_main})
 
 
 if __name__ == "__main__":

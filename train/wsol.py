@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -20,10 +19,9 @@ import numpy as np
 
 from jaxmed.data.synthetic_wsol import make_wsol_dataset
 from jaxmed.data.wsol_folder import load_wsol_folder, train_val_split
-from jaxmed.errors import InputDataError
 from jaxmed.explain import cam_boxes
-from jaxmed.training import (ArraySource, add_training_args, fit, fit_options, init_distributed,
-                             make_batches, write_run_config)
+from jaxmed.training import (ArraySource, add_training_args, fit, fit_options, inference_parser,
+                             init_distributed, make_batches, program_main, write_run_config)
 from jaxmed.wsol.figures import localization_grid
 from jaxmed.wsol.localize import THRESHOLDS_NAME, load_trained, localize_files
 from jaxmed.wsol.steps import MODEL_KEYS, build_wsol, validation
@@ -154,15 +152,10 @@ def _figures(wsol, state, val_set, threshold: float, path: Path, count: int) -> 
 
 
 def localize_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.wsol localize",
-        description="Predict the class of each image and localise it: a CAM overlay with the "
-                    "box (<name>.png), the CAM (<name>_cam.png) and localization.csv.")
-    parser.add_argument("--workdir", required=True, help="the training run's work directory")
-    parser.add_argument("--input", nargs="+", required=True, help="image files")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                        help="which checkpoint to load (default: %(default)s)")
+    parser = inference_parser(
+        "python -m train.wsol localize", "Predict the class of each image and localise it: a "
+        "CAM overlay with the box (<name>.png), the CAM (<name>_cam.png) and localization.csv.",
+        "image files")
     parser.add_argument("--threshold", type=float, default=None,
                         help="CAM threshold in [0, 1) (default: the run's best validation "
                              "threshold at IoU 0.5)")
@@ -173,14 +166,7 @@ def localize_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["localize"]:
-            localize_main(argv[1:])
-        else:
-            train(build_parser().parse_args(argv))
-    except InputDataError as error:
-        sys.exit(f"error: {error}")
+    program_main(argv, build_parser=build_parser, train=train, commands={"localize": localize_main})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import optax
 from jaxmed.losses import ce_dice_loss
 from jaxmed.metrics import confusion_matrix, segmentation_scores
 from jaxmed.models.segmentation import SegmentationNet
-from jaxmed.training import TrainState, supervised_train_step
+from jaxmed.training import (TrainState, images_to_unit_range, init_supervised_state,
+                             supervised_train_step, warmup_cosine_adamw)
 
 # Pixels of this label (the letterbox padding) take no part in the loss or the metrics.
 IGNORE = 255
@@ -28,9 +29,7 @@ MODEL_KEYS = ("num_classes", "image_size", "depth", "width", "output_stride", "c
               "warmup_steps", "ce_weight", "dice_weight", "seed")
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 `[B, H, W, 3]` -> float32 in [-1, 1]."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
+preprocess = images_to_unit_range
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,8 @@ class Segmenter:
     dice_weight: float
 
     def init_state(self, seed: int) -> TrainState:
-        example = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.uint8)
-        variables = self.model.init(jax.random.PRNGKey(seed), preprocess(example))
-        return TrainState.create(params=variables["params"], tx=self.tx,
-                                 batch_stats=variables.get("batch_stats", {}),
-                                 rng=jax.random.PRNGKey(seed + 1))
+        example = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return init_supervised_state(self.model, self.tx, example, seed)
 
     def loss(self, outputs, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         def part(logits):
@@ -86,10 +82,8 @@ def build_segmenter(config: dict[str, Any]) -> Segmenter:
                             use_cbam=config["cbam"], use_ppm=config["ppm"],
                             aux_head=config["aux_weight"] > 0, dropout_rate=config["dropout"],
                             dtype=dtype)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config["learning_rate"], warmup_steps=min(config["warmup_steps"], config["steps"] - 1),
-        decay_steps=max(config["steps"], 2))
-    tx = optax.adamw(schedule, weight_decay=config["weight_decay"])
+    tx = warmup_cosine_adamw(config["learning_rate"], config["weight_decay"], config["steps"],
+                             config["warmup_steps"])
     return Segmenter(model=model, tx=tx, image_size=config["image_size"],
                      num_classes=config["num_classes"], aux_weight=config["aux_weight"],
                      ce_weight=config["ce_weight"], dice_weight=config["dice_weight"])

@@ -15,7 +15,9 @@ A program (`python -m train.<name>`) typically does::
 from jaxmed.training._checkpoint import Checkpoints as Checkpoints
 from jaxmed.training._cli import add_training_args as add_training_args
 from jaxmed.training._cli import fit_options as fit_options
+from jaxmed.training._cli import inference_parser as inference_parser
 from jaxmed.training._cli import init_distributed as init_distributed
+from jaxmed.training._cli import program_main as program_main
 from jaxmed.training._data import ArraySource as ArraySource
 from jaxmed.training._data import RandomAccessSource as RandomAccessSource
 from jaxmed.training._data import make_batches as make_batches
@@ -38,4 +40,7 @@ from jaxmed.training._run import read_run_config as read_run_config
 from jaxmed.training._run import restore_trained as restore_trained
 from jaxmed.training._run import write_run_config as write_run_config
 from jaxmed.training._state import TrainState as TrainState
+from jaxmed.training._supervised import images_to_unit_range as images_to_unit_range
+from jaxmed.training._supervised import init_supervised_state as init_supervised_state
 from jaxmed.training._supervised import supervised_train_step as supervised_train_step
+from jaxmed.training._supervised import warmup_cosine_adamw as warmup_cosine_adamw

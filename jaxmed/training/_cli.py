@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
+
+from jaxmed.errors import InputDataError
 
 
 # (option, type, help) of the training options; defaults come from the program.
@@ -83,3 +87,34 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
                 log_every=args.log_every, checkpoint_every=args.checkpoint_every,
                 eval_every=args.eval_every or args.steps, keep=args.keep,
                 progress=args.progress)
+
+
+def inference_parser(prog: str, description: str, inputs: str) -> argparse.ArgumentParser:
+    """The options of a program's apply/localize/predict command: `--workdir --input --output
+    --checkpoint`; `inputs` describes the input files in `--help`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--workdir", required=True, help="the training run's work directory")
+    parser.add_argument("--input", nargs="+", required=True, help=inputs)
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                        help="which checkpoint to load (default: %(default)s; latest if no best)")
+    return parser
+
+
+def program_main(argv: list[str] | None, *, build_parser: Callable[[], argparse.ArgumentParser],
+                 train: Callable[[argparse.Namespace], Any],
+                 commands: dict[str, Callable[[list[str]], None]]) -> None:
+    """The entry point of `python -m train.<name> [command] ...`.
+
+    The first argument selects a command (`commands[name](rest)`, e.g. `apply`); anything else
+    trains with `build_parser()`'s options. Bad input (`InputDataError`) ends the process with
+    `error: <message>` and exit status 1, without a traceback.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] and argv[0] in commands:
+            commands[argv[0]](argv[1:])
+        else:
+            train(build_parser().parse_args(argv))
+    except InputDataError as error:
+        sys.exit(f"error: {error}")

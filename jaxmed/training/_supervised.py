@@ -7,6 +7,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxmed.training._state import TrainState
@@ -53,3 +54,26 @@ def supervised_train_step(model: nn.Module, tx: optax.GradientTransformation, lo
         return state, {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
+
+
+def images_to_unit_range(images: jax.Array) -> jax.Array:
+    """uint8 images `[B, H, W, 3]` -> float32 in [-1, 1], the programs' network input."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def init_supervised_state(model: nn.Module, tx: optax.GradientTransformation,
+                          example: jax.Array, seed: int) -> TrainState:
+    """A step-0 state of `model` for inputs shaped like `example` (parameters, BatchNorm
+    statistics if any, optimiser state; the step keys' base is derived from `seed`)."""
+    variables = model.init(jax.random.PRNGKey(seed), example)
+    return TrainState.create(params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}),
+                             rng=jax.random.PRNGKey(seed + 1))
+
+
+def warmup_cosine_adamw(learning_rate: float, weight_decay: float, steps: int,
+                        warmup_steps: int) -> optax.GradientTransformation:
+    """AdamW with a linear warm-up to `learning_rate` and a cosine decay to 0 at `steps`."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps=min(warmup_steps, steps - 1), decay_steps=max(steps, 2))
+    return optax.adamw(schedule, weight_decay=weight_decay)

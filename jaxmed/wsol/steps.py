@@ -20,7 +20,8 @@ import optax
 from jaxmed.explain import cam
 from jaxmed.metrics import BoxAccumulator
 from jaxmed.models.vgg_cam import VGGCAM
-from jaxmed.training import TrainState, supervised_train_step
+from jaxmed.training import (TrainState, images_to_unit_range, init_supervised_state,
+                             supervised_train_step, warmup_cosine_adamw)
 
 # Keys of the run configuration that define the network and its optimiser.
 MODEL_KEYS = ("num_classes", "image_size", "widths", "conv6_width", "modules", "batch_norm",
@@ -28,9 +29,7 @@ MODEL_KEYS = ("num_classes", "image_size", "widths", "conv6_width", "modules", "
               "warmup_steps", "seed")
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 `[B, H, W, 3]` -> float32 in [-1, 1]."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
+preprocess = images_to_unit_range
 
 
 @dataclass(frozen=True)
@@ -42,11 +41,8 @@ class Wsol:
     image_size: int
 
     def init_state(self, seed: int) -> TrainState:
-        example = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.uint8)
-        variables = self.model.init(jax.random.PRNGKey(seed), preprocess(example))
-        return TrainState.create(params=variables["params"], tx=self.tx,
-                                 batch_stats=variables.get("batch_stats", {}),
-                                 rng=jax.random.PRNGKey(seed + 1))
+        example = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return init_supervised_state(self.model, self.tx, example, seed)
 
     @property
     def train_step(self):
@@ -83,10 +79,8 @@ def build_wsol(config: dict[str, Any]) -> Wsol:
                    conv6_width=config["conv6_width"], modules=tuple(config["modules"]),
                    batch_norm=config["batch_norm"], cr=config["cr"], alpha=config["alpha"],
                    t=config["t"], dtype=dtype)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config["learning_rate"], warmup_steps=min(config["warmup_steps"], config["steps"] - 1),
-        decay_steps=max(config["steps"], 2))
-    tx = optax.adamw(schedule, weight_decay=config["weight_decay"])
+    tx = warmup_cosine_adamw(config["learning_rate"], config["weight_decay"], config["steps"],
+                             config["warmup_steps"])
     return Wsol(model=model, tx=tx, image_size=config["image_size"])
 
 
