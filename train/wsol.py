@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", help="folder with one sub-folder of images per class")
     d.add_argument("--boxes", help="CSV image,x0,y0,x1,y1 (paths relative to --data-dir) of "
                                    "ground-truth boxes, for validation only")
-    d.add_argument("--image-size", type=int, default=64,
+    d.add_argument("--image-size", type=int, default=96,
                    help="images are resized to this square size (default: %(default)s)")
     d.add_argument("--val-fraction", type=float, default=0.2,
                    help="held-out fraction, stratified by class (default: %(default)s)")
@@ -52,16 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic dataset size (default: %(default)s)")
     d.add_argument("--synthetic-classes", type=int, default=4,
                    help="synthetic classes (default: %(default)s)")
-    d.add_argument("--synthetic-cooccurrence", type=float, default=0.8,
+    d.add_argument("--synthetic-cooccurrence", type=float, default=0.5,
                    help="probability that a distractor rod has the colour paired with the "
                         "image's class (default: %(default)s)")
     m = parser.add_argument_group("model")
     m.add_argument("--modules", type=_names, default=("conv4_3", "conv5_3"),
                    help="conv layers followed by a threshold-suppression module, comma-separated; "
                         "'none' = the plain CAM baseline (default: %(default)s)")
-    m.add_argument("--widths", type=_ints, default=(16, 32, 64, 128, 128),
+    m.add_argument("--widths", type=_ints, default=(8, 16, 32, 64, 64),
                    help="VGG16 stage widths (VGG16: 64,128,256,512,512) (default: %(default)s)")
-    m.add_argument("--conv6-width", type=int, default=256,
+    m.add_argument("--conv6-width", type=int, default=128,
                    help="width of conv6, the CAM features (VGG16-CAM: 1024) (default: %(default)s)")
     m.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="BatchNorm after each conv; training from scratch needs it "
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = parser.add_argument_group("outputs")
     f.add_argument("--figures", type=int, default=12,
                    help="validation images drawn in figures/validation.png (default: %(default)s)")
-    add_training_args(parser, workdir="runs/wsol", steps=600, batch_size=32, log_every=20,
+    add_training_args(parser, workdir="runs/wsol", steps=800, batch_size=32, log_every=20,
                       checkpoint_every=200, eval_every=200, keep=3)
     return parser
 
