@@ -64,7 +64,8 @@ def normalize_cams(cams: Any) -> np.ndarray:
         raise ValueError(f"CAMs must have shape (H, W) or (N, H, W) with H, W >= 1, got {maps.shape}")
     axes = (-2, -1)
     finite = np.isfinite(maps).all(axis=axes, keepdims=True)
-    maps = np.where(finite, maps, 0.0)
+    if not finite.all():
+        maps = np.where(finite, maps, 0.0)
     maps -= maps.min(axis=axes, keepdims=True)
     span = maps.max(axis=axes, keepdims=True)  # 0 exactly when the map is constant
     maps /= np.where(span > 0, span, 1.0)

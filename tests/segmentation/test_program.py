@@ -55,24 +55,22 @@ def _write_folder(root: pathlib.Path, count: int = 8, seed: int = 3) -> pathlib.
 
 def _bad_cases(root: pathlib.Path) -> dict[str, tuple[str, tuple[str, ...]]]:
     """Bad folders: {case: (the path the message must name, words in it)}."""
-    cases = {}
-    missing = _write_folder(root / "missing")
-    (missing / "masks" / "case2.tif").unlink()
-    cases["missing"] = (str(missing / "images" / "case2.png"), ("mask",))
-    size = _write_folder(root / "size")
-    Image.fromarray(np.zeros((12, 9), np.uint8)).save(size / "masks" / "case1.tif")
-    cases["size"] = (str(size / "masks" / "case1.tif"), ("size",))
-    labels = _write_folder(root / "labels")
-    Image.fromarray(np.full((40, 30), 7, np.uint8)).save(labels / "masks" / "case3.tif")
-    cases["labels"] = (str(labels / "masks" / "case3.tif"), ("7",))
-    corrupt = _write_folder(root / "corrupt")
-    (corrupt / "images" / "case0.png").write_bytes(b"garbage")
-    cases["corrupt"] = (str(corrupt / "images" / "case0.png"), ("cannot read",))
-    empty = root / "empty"
-    (empty / "images").mkdir(parents=True, exist_ok=True)
-    (empty / "masks").mkdir(exist_ok=True)
-    cases["empty"] = (str(empty / "images"), ())
-    return cases
+    return {"missing": (str(root / "missing" / "images" / "case2.png"), ("mask",)),
+            "size": (str(root / "size" / "masks" / "case1.tif"), ("size",)),
+            "labels": (str(root / "labels" / "masks" / "case3.tif"), ("7",)),
+            "corrupt": (str(root / "corrupt" / "images" / "case0.png"), ("cannot read",)),
+            "empty": (str(root / "empty" / "images"), ())}
+
+
+def _write_bad_cases(root: pathlib.Path) -> None:
+    for case in ("missing", "size", "labels", "corrupt"):
+        _write_folder(root / case)
+    (root / "missing" / "masks" / "case2.tif").unlink()
+    Image.fromarray(np.zeros((12, 9), np.uint8)).save(root / "size" / "masks" / "case1.tif")
+    Image.fromarray(np.full((40, 30), 7, np.uint8)).save(root / "labels" / "masks" / "case3.tif")
+    (root / "corrupt" / "images" / "case0.png").write_bytes(b"garbage")
+    (root / "empty" / "images").mkdir(parents=True)
+    (root / "empty" / "masks").mkdir()
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +114,7 @@ def followups(tmp, trainings):
         trainings["synthetic"].ok()
         (tmp / "run_before.json").write_text(json.dumps(snapshot(run)))
         shutil.copytree(run, tmp / "resumed", symlinks=True)
+        _write_bad_cases(tmp / "bad")
         images, _ = make_kidney_phantoms(2, size=48, seed=11)
         inputs[0].parent.mkdir(exist_ok=True)
         Image.fromarray(images[0][:, 10:31]).save(inputs[0])   # 48 x 21

@@ -50,21 +50,27 @@ def _folder_dataset(root: pathlib.Path) -> pathlib.Path:
 
 def _bad_cases(root: pathlib.Path) -> dict[str, tuple[list[str], str, tuple[str, ...]]]:
     """Bad folders: (extra training options, the path the message must name, words in it)."""
-    cases = {}
-    corrupt = _folder_dataset(root / "corrupt")
-    victim = sorted((corrupt / sorted(os.listdir(corrupt))[0]).glob("*.png"))[0]
+    corrupt, boxes, empty = root / "corrupt", root / "boxes", root / "empty"
+    return {
+        "corrupt": (["--data-dir", str(corrupt)], str(corrupt / "0_navy_solid" / "00001.png"),
+                    ("cannot read",)),
+        "boxes": (["--data-dir", str(boxes), "--boxes", str(boxes / "boxes.csv")],
+                  str(boxes / "boxes.csv"), ("line",)),
+        "empty": (["--data-dir", str(empty)], str(empty / "a"), ("no image",)),
+    }
+
+
+def _write_bad_cases(root: pathlib.Path) -> None:
+    cases = _bad_cases(root)
+    _folder_dataset(root / "corrupt")
+    victim = pathlib.Path(cases["corrupt"][1])
+    assert victim.is_file(), sorted(p.name for p in victim.parent.iterdir())
     victim.write_bytes(b"not a png at all")
-    cases["corrupt"] = (["--data-dir", str(corrupt)], str(victim), ("cannot read",))
-    boxes = _folder_dataset(root / "boxes")
-    table = boxes / "boxes.csv"
-    with open(table, "a") as f:
+    _folder_dataset(root / "boxes")
+    with open(root / "boxes" / "boxes.csv", "a") as f:
         f.write("no/such.png,1,2,3\n")
-    cases["boxes"] = (["--data-dir", str(boxes), "--boxes", str(table)], str(table), ("line",))
-    empty = root / "empty"
-    (empty / "a").mkdir(parents=True, exist_ok=True)
-    (empty / "b").mkdir(exist_ok=True)
-    cases["empty"] = (["--data-dir", str(empty)], str(empty / "a"), ("no image",))
-    return cases
+    (root / "empty" / "a").mkdir(parents=True)
+    (root / "empty" / "b").mkdir()
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +111,7 @@ def followups(tmp, trainings):
         trainings["synthetic"].ok()
         (tmp / "run_before.json").write_text(json.dumps(snapshot(run)))
         shutil.copytree(run, tmp / "resumed", symlinks=True)
+        _write_bad_cases(tmp / "bad")
         images = make_wsol_dataset(2, image_size=48, num_classes=3, seed=9).images
         inputs[0].parent.mkdir(exist_ok=True)
         Image.fromarray(images[0]).resize((70, 45)).save(inputs[0])
