@@ -113,3 +113,20 @@ def failure_message(done: subprocess.CompletedProcess) -> str:
     message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     assert message.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-3000:]
     return message
+
+
+def assert_help_lists(module: str, options, command: str | None = None) -> None:
+    """`python -m <module> [command] --help` succeeds and names every option."""
+    args = [sys.executable, "-m", module, *([command] if command else []), "--help"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    for option in options:
+        assert option in done.stdout, option
+
+
+def assert_resumed(job: Job, workdir: pathlib.Path, saved_step: int, steps: int) -> None:
+    """The job continued `workdir` from its checkpoint at `saved_step` to `steps`, and the
+    metrics log holds each step once."""
+    done = job.ok()
+    assert f"Resuming from step {saved_step}" in done.stdout + done.stderr
+    assert [r["step"] for r in metrics_rows(workdir)] == list(range(1, steps + 1))

@@ -11,7 +11,6 @@ import math
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -19,8 +18,8 @@ import pytest
 from PIL import Image
 
 from jaxmed.data.synthetic_kidney import make_kidney_phantoms
-from tests.programs import (PNG_MAGIC, ROOT, TIMEOUT, Job, failure_message, metrics_rows, once,
-                            program_env, session_folder, snapshot)
+from tests.programs import (PNG_MAGIC, Job, assert_help_lists, assert_resumed, failure_message,
+                            metrics_rows, once, program_env, session_folder, snapshot)
 
 TINY = ["--image-size", "32", "--synthetic-images", "24", "--depth", "18", "--width", "4",
         "--batch-size", "4", "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1",
@@ -162,21 +161,16 @@ def test_eight_devices(tmp, trainings):
 
 
 def test_help_lists_every_option():
-    done = subprocess.run([sys.executable, "-m", "train.segment", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr
-    for option in ("--images", "--masks", "--mask-suffix", "--num-classes", "--image-size",
-                   "--val-fraction", "--synthetic-images", "--augment", "--depth", "--width",
-                   "--output-stride", "--cbam", "--ppm", "--aux-weight", "--dropout", "--dtype",
-                   "--ce-weight", "--dice-weight", "--learning-rate", "--weight-decay",
-                   "--warmup-steps", "--figures", "--steps", "--batch-size", "--workdir"):
-        assert option in done.stdout, option
+    assert_help_lists("train.segment", (
+        "--images", "--masks", "--mask-suffix", "--num-classes", "--image-size", "--val-fraction",
+        "--synthetic-images", "--augment", "--depth", "--width", "--output-stride", "--cbam",
+        "--ppm", "--aux-weight", "--dropout", "--dtype", "--ce-weight", "--dice-weight",
+        "--learning-rate", "--weight-decay", "--warmup-steps", "--figures", "--steps",
+        "--batch-size", "--workdir"))
 
 
 def test_resume_continues(tmp, followups):
-    done = followups["jobs"]["resume"].ok()
-    assert "Resuming from step 4" in done.stdout + done.stderr
-    assert [r["step"] for r in metrics_rows(tmp / "resumed")] == [1, 2, 3, 4, 5, 6]
+    assert_resumed(followups["jobs"]["resume"], tmp / "resumed", saved_step=4, steps=6)
 
 
 def test_predict_writes_masks_at_the_image_size(tmp, followups):

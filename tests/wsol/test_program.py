@@ -12,7 +12,6 @@ import math
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -20,8 +19,8 @@ import pytest
 from PIL import Image
 
 from jaxmed.data.synthetic_wsol import make_wsol_dataset, write_wsol_folder
-from tests.programs import (PNG_MAGIC, ROOT, TIMEOUT, Job, failure_message, metrics_rows, once,
-                            program_env, session_folder, snapshot)
+from tests.programs import (PNG_MAGIC, Job, assert_help_lists, assert_resumed, failure_message,
+                            metrics_rows, once, program_env, session_folder, snapshot)
 
 TINY = ["--image-size", "32", "--synthetic-images", "48", "--synthetic-classes", "3",
         "--widths", "4,4,8,8,8", "--conv6-width", "8", "--batch-size", "8", "--eval-every", "2",
@@ -158,20 +157,15 @@ def test_folder_dataset_with_boxes_and_baseline(tmp, trainings):
 
 
 def test_help_lists_every_option():
-    done = subprocess.run([sys.executable, "-m", "train.wsol", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr
-    for option in ("--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
-                   "--synthetic-classes", "--modules", "--widths", "--conv6-width", "--batch-norm",
-                   "--cr", "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay",
-                   "--warmup-steps", "--figures", "--steps", "--batch-size", "--workdir"):
-        assert option in done.stdout, option
+    assert_help_lists("train.wsol", (
+        "--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
+        "--synthetic-classes", "--modules", "--widths", "--conv6-width", "--batch-norm", "--cr",
+        "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay", "--warmup-steps",
+        "--figures", "--steps", "--batch-size", "--workdir"))
 
 
 def test_resume_continues(tmp, followups):
-    done = followups["jobs"]["resume"].ok()
-    assert "Resuming from step 4" in done.stdout + done.stderr
-    assert [r["step"] for r in metrics_rows(tmp / "resumed")] == [1, 2, 3, 4, 5, 6]
+    assert_resumed(followups["jobs"]["resume"], tmp / "resumed", saved_step=4, steps=6)
 
 
 def test_localize_writes_class_box_and_cam_at_the_image_size(tmp, followups):
