@@ -20,12 +20,9 @@ from jaxmed.mapping_gan import data
 from jaxmed.mapping_gan.apply import apply_to_files
 from jaxmed.mapping_gan.figures import key_feature_figure
 from jaxmed.mapping_gan.steps import build_mapping_gan, chunked_validation
-from jaxmed.training import (add_training_args, fit, fit_options, inference_parser, init_distributed,
-                             make_mesh, program_main, replicate, write_run_config)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
+from jaxmed.training import (add_training_args, comma_ints, fit, fit_options, inference_parser,
+                             init_distributed, make_mesh, program_main, replicate,
+                             write_run_config)
 
 
 def _norm(text: str) -> str | None:
@@ -52,12 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-subjects", type=int, default=400,
                    help="synthetic subjects, half positive (default: %(default)s)")
     m = parser.add_argument_group("model")
-    m.add_argument("--generator-features", type=_ints, default=(8, 16, 32),
+    m.add_argument("--generator-features", type=comma_ints, default=(8, 16, 32),
                    help="U-Net filters per level, comma-separated (VA-GAN: 16,32,64,128) (default: %(default)s)")
     m.add_argument("--generator-norm", type=_norm, default="batch", help="batch | layer | none (default: %(default)s)")
     m.add_argument("--critic", choices=("tt", "dense"), default="tt",
                    help="tensor-train critic or ordinary conv/dense layers of the same shapes (default: %(default)s)")
-    m.add_argument("--critic-widths", type=_ints, default=(8, 16, 24), help="critic block widths (default: %(default)s)")
+    m.add_argument("--critic-widths", type=comma_ints, default=(8, 16, 24), help="critic block widths (default: %(default)s)")
     m.add_argument("--critic-growth", type=int, default=8, help="dense-block growth rate (default: %(default)s)")
     m.add_argument("--critic-layers", type=int, default=2, help="layers per dense block (default: %(default)s)")
     m.add_argument("--critic-norm", type=_norm, default="layer",

@@ -20,15 +20,12 @@ import numpy as np
 from jaxmed.data.synthetic_wsol import make_wsol_dataset
 from jaxmed.data.wsol_folder import load_wsol_folder, train_val_split
 from jaxmed.explain import cam_boxes
-from jaxmed.training import (ArraySource, add_training_args, fit, fit_options, inference_parser,
-                             init_distributed, make_batches, program_main, write_run_config)
+from jaxmed.training import (ArraySource, add_training_args, comma_ints, fit, fit_options,
+                             inference_parser, init_distributed, make_batches, program_main,
+                             write_run_config)
 from jaxmed.wsol.figures import localization_grid
 from jaxmed.wsol.localize import THRESHOLDS_NAME, load_trained, localize_files
 from jaxmed.wsol.steps import MODEL_KEYS, build_wsol, validation
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v)
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -59,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--modules", type=_names, default=("conv4_3", "conv5_3"),
                    help="conv layers followed by a threshold-suppression module, comma-separated; "
                         "'none' = the plain CAM baseline (default: %(default)s)")
-    m.add_argument("--widths", type=_ints, default=(8, 16, 32, 64, 64),
+    m.add_argument("--widths", type=comma_ints, default=(8, 16, 32, 64, 64),
                    help="VGG16 stage widths (VGG16: 64,128,256,512,512) (default: %(default)s)")
     m.add_argument("--conv6-width", type=int, default=128,
                    help="width of conv6, the CAM features (VGG16-CAM: 1024) (default: %(default)s)")

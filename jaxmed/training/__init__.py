@@ -14,6 +14,7 @@ A program (`python -m train.<name>`) typically does::
 
 from jaxmed.training._checkpoint import Checkpoints as Checkpoints
 from jaxmed.training._cli import add_training_args as add_training_args
+from jaxmed.training._cli import comma_ints as comma_ints
 from jaxmed.training._cli import fit_options as fit_options
 from jaxmed.training._cli import inference_parser as inference_parser
 from jaxmed.training._cli import init_distributed as init_distributed

@@ -118,3 +118,8 @@ def program_main(argv: list[str] | None, *, build_parser: Callable[[], argparse.
             train(build_parser().parse_args(argv))
     except InputDataError as error:
         sys.exit(f"error: {error}")
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """An option type: `'8,16,32'` -> `(8, 16, 32)`."""
+    return tuple(int(v) for v in text.split(",") if v)
