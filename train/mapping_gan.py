@@ -29,6 +29,13 @@ def _norm(text: str) -> str | None:
     return None if text == "none" else text
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.mapping_gan", description=__doc__,
@@ -74,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-clipping bound, applied to every critic parameter; with --critic tt each TT "
                         "core is clipped, so kernels shrink like clip^(cores): use a larger bound (0.1-0.5) "
                         "there (default: %(default)s)")
-    g.add_argument("--learning-rate", type=float, default=1e-4, help="Adam lr, β1=0, β2=0.9 (default: %(default)s)")
+    g.add_argument("--learning-rate", type=float, default=1e-3,
+                   help="Adam lr of both networks, β1=0, β2=0.9 (VA-GAN paper: 1e-3; its code: 1e-4) "
+                        "(default: %(default)s)")
+    g.add_argument("--lr-decay", type=_fraction, default=0.5,
+                   help="fraction of --steps at the end over which both learning rates fall linearly "
+                        "to zero; 0 keeps them constant (default: %(default)s)")
     g.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update (default: %(default)s)")
     g.add_argument("--n-critic-warmup", type=int, default=25,
                    help="critic updates in warm-up steps (VA-GAN: 100; lower for CPU) (default: %(default)s)")
@@ -109,6 +121,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     init_distributed(args)
     workdir = Path(args.workdir)
     config = {k: getattr(args, k) for k in _MODEL_KEYS}
+    if args.lr_decay:
+        config.update(lr_decay_start=args.steps - max(1, round(args.lr_decay * args.steps)),
+                      lr_decay_end=args.steps)
     gan = build_mapping_gan(config)
     study = data.load_study(_subjects(args), downsampling=gan.generator.total_downsampling,
                             val_fraction=args.val_fraction, seed=args.seed,

@@ -6,6 +6,9 @@ This package imports only jax, flax and numpy, so it can be dropped into any JAX
 from jaxmed.layers._attention import CBAM as CBAM
 from jaxmed.layers._attention import ChannelAttention as ChannelAttention
 from jaxmed.layers._attention import SpatialAttention as SpatialAttention
+from jaxmed.layers._conv import BlockConvTranspose as BlockConvTranspose
+from jaxmed.layers._conv import Conv as Conv
+from jaxmed.layers._conv import conv as conv
 from jaxmed.layers._pyramid import PyramidPooling as PyramidPooling
 from jaxmed.layers._pyramid import adaptive_avg_pool as adaptive_avg_pool
 from jaxmed.layers._pyramid import resize_align_corners as resize_align_corners
@@ -19,8 +22,10 @@ from jaxmed.layers._threshold import suppress_discriminative as suppress_discrim
 from jaxmed.layers._threshold import suppress_irrelevant as suppress_irrelevant
 
 __all__ = [
+    "BlockConvTranspose",
     "CBAM",
     "ChannelAttention",
+    "Conv",
     "PyramidPooling",
     "SecondOrderPooling",
     "SpatialAttention",
@@ -28,6 +33,7 @@ __all__ = [
     "TTDense",
     "ThresholdSuppression",
     "adaptive_avg_pool",
+    "conv",
     "resize_align_corners",
     "suppress_discriminative",
     "suppress_irrelevant",

@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxmed.layers._conv import Conv
+
 Array = Any
 
 
@@ -122,7 +124,7 @@ class SpatialAttention(nn.Module):
         channel_max = jnp.max(x, axis=-1, keepdims=True)  # [B, *S, 1]
         channel_mean = jnp.mean(x, axis=-1, keepdims=True)  # [B, *S, 1]
         pooled = jnp.concatenate([channel_max, channel_mean], axis=-1)  # [B, *S, 2], max first
-        logits = nn.Conv(
+        logits = Conv(
             1, kernel, padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
         )(pooled)  # [B, *S, 1]
         if self.use_norm:

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxmed.layers._conv import conv
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -286,11 +288,7 @@ def _tuple(v: int | Sequence[int], nsp: int) -> tuple[int, ...]:
 
 def _conv(x: Array, kernel: Array, strides, padding, dilation, precision) -> Array:
     """x: [B, *S, C_in], kernel: [*kernel_size, C_in, C_out] -> [B, *S', C_out]."""
-    spec = "N" + "DHW"[-(x.ndim - 2) :] + "C"
-    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, (spec, spec[1:-1] + "IO", spec))
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, rhs_dilation=dilation, dimension_numbers=dn, precision=precision
-    )
+    return conv(x, kernel, strides, padding, dilation, precision)
 
 
 class TTConv(nn.Module):

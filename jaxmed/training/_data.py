@@ -10,7 +10,7 @@ iterator state (a small JSON dict) is saved in every checkpoint.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import grain
 import jax

@@ -146,8 +146,12 @@ def _reference_step(gan, state, batch, k):
 
 
 def _assert_trees_close(got, expected, what):
+    # Adam with β1 = 0 divides each gradient by its own running RMS, so float rounding (the step
+    # maps the k minibatches in one batched call, the reference one by one) can move a
+    # parameter by a few % of the learning rate; a wrong update moves it by about the rate.
+    atol = 0.05 * CONFIG["learning_rate"]
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
 def test_clip_step_is_k_critic_updates_then_a_generator_update():

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmed.layers import TTConv, TTDense
+from jaxmed.layers import Conv, TTConv, TTDense
 from jaxmed.losses import critic_loss, generator_loss, gradient_penalty
-from jaxmed.models.mapping_gan import Critic, TinyCritic, TinyUNet, UNet, critic_probability, mapped, tt_modes
+from jaxmed.models.mapping_gan import (Critic, TinyCritic, TinyUNet, UNet, _max_pool_2x, critic_probability, mapped,
+                                      tt_modes)
 
 KEY = jax.random.key(0)
 
@@ -177,7 +178,7 @@ def _layer_shapes(model, x):
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and isinstance(context.module, (TTConv, TTDense, nn.Conv, nn.Dense)):
+        if context.method_name == "__call__" and isinstance(context.module, (TTConv, TTDense, Conv, nn.Conv, nn.Dense)):
             seen["/".join(context.module.scope.path)] = (type(context.module), args[0].shape, out.shape)
         return out
 
@@ -197,7 +198,7 @@ def test_tt_layers_have_the_shapes_of_their_dense_counterparts(model_fn, shape):
     assert "head_hidden" in factorised and "head_score" in factorised
     for name in tt:
         assert tt[name][1:] == dense[name][1:], name
-        expected = {TTConv: nn.Conv, TTDense: nn.Dense}.get(tt[name][0], tt[name][0])
+        expected = {TTConv: Conv, TTDense: nn.Dense}.get(tt[name][0], tt[name][0])
         assert dense[name][0] is expected, name
 
 
@@ -262,3 +263,10 @@ def test_critic_and_unet_initialise():
         assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, shapes)
         out = jax.jit(model.apply)(variables, x)
         assert np.all(np.isfinite(out)) and float(np.std(out)) > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (2, 4, 2, 6, 3)])
+def test_unet_max_pool_equals_flax(shape):
+    x = _x(shape, seed=3)
+    window = (2,) * (len(shape) - 2)
+    np.testing.assert_array_equal(np.asarray(_max_pool_2x(x)), np.asarray(nn.max_pool(x, window, strides=window)))
