@@ -1,10 +1,12 @@
 """Speed of every jaxmed layer: forward and forward+backward time, compile time and parameters.
 
 Tensor-train layers are compared with the dense `nn.Dense` / `nn.Conv` of the same input and output
-shape, measured in the same run; the `ratio` column is TT time / dense time (below 1 = TT faster).
+shape, and jaxmed's `Conv` / `BlockConvTranspose` with Flax's `nn.Conv` / `nn.ConvTranspose` they
+replace, measured in the same run; the `ratio` columns are time / reference time (below 1 = faster).
 
     python benchmarks/layers.py                 # 2-D, float32
     python benchmarks/layers.py --dims 3 --dtype bfloat16
+    python benchmarks/layers.py --dims 3 --only "Conv (jaxmed),BlockConvTranspose"
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def build_cases(args: argparse.Namespace, dtype: Any) -> list[Case]:
         Case(f"TTDense r={args.rank}", L.TTDense(dense_modes, dense_modes, ranks=args.rank, **common),
              (b * 16, dense_in), "Dense"),
         Case("Conv", nn.Conv(c, kernel, **common), fmap),
+        Case("Conv (jaxmed)", L.Conv(c, kernel, **common), fmap, "Conv"),
+        Case("ConvTranspose 2x", nn.ConvTranspose(c, (2,) * args.dims, strides=(2,) * args.dims, **common), fmap),
+        Case("BlockConvTranspose 2x", L.BlockConvTranspose(c, (2,) * args.dims, **common), fmap, "ConvTranspose 2x"),
         Case(f"TTConv r={args.rank} cores", L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel,
                                                      forward="cores", **common), fmap, "Conv"),
         Case(f"TTConv r={args.rank} kernel", L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel,

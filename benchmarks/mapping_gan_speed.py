@@ -85,9 +85,9 @@ def unfused_updates(gan: MappingGan, k: int):
     `critic_update(state, negative, positive, i)` is critic update `i` of the step (same random key
     as the fused step's scan iteration `i`); `generator_update(state, positive)` the generator update.
     """
-    tx = gan.config.optimizer()
 
     def critic_update(state, negative, positive, i):
+        tx = gan.config.optimizer(state.step)
         key = jax.random.split(state.step_key(), k)[i]
         m, _ = gan.key_feature_map(state, positive, train=True)  # m: [B, *S, C]
         fake = jax.lax.stop_gradient(mapped(positive, m))
@@ -100,10 +100,11 @@ def unfused_updates(gan: MappingGan, k: int):
         return state
 
     def generator_update(state, positive):
+        tx = gan.config.optimizer(state.step)
         (loss, (_, stats)), grads = jax.value_and_grad(gan._generator_loss, has_aux=True)(
             state.params["generator"], state, positive)
         state = state.apply_gradients(tx, grads, network="generator")
-        return state.replace(batch_stats={**state.batch_stats, "generator": stats}), loss
+        return gan.average_generator(state.replace(batch_stats={**state.batch_stats, "generator": stats})), loss
 
     return critic_update, generator_update
 

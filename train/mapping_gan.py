@@ -36,6 +36,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.mapping_gan", description=__doc__,
@@ -87,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay", type=_fraction, default=0.5,
                    help="fraction of --steps at the end over which both learning rates fall linearly "
                         "to zero; 0 keeps them constant (default: %(default)s)")
+    g.add_argument("--generator-ema", type=_decay, default=0.99,
+                   help="decay of the moving average of the generator's parameters used for validation, "
+                        "figures and apply; 0 uses the live generator (default: %(default)s)")
     g.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update (default: %(default)s)")
     g.add_argument("--n-critic-warmup", type=int, default=25,
                    help="critic updates in warm-up steps (VA-GAN: 100; lower for CPU) (default: %(default)s)")
@@ -104,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _MODEL_KEYS = ("generator_features", "generator_norm", "critic", "critic_widths", "critic_growth",
                "critic_layers", "critic_norm", "critic_pooling_channels", "critic_head", "tt_rank",
-               "dtype", "l1_weight", "lipschitz", "gp_weight", "clip", "learning_rate",
+               "dtype", "l1_weight", "lipschitz", "gp_weight", "clip", "learning_rate", "generator_ema",
                "normalisation", "percentiles", "seed")
 
 

@@ -35,6 +35,12 @@ class GanConfig:
     - `decay_start`, `decay_end`: generator steps between which both learning rates fall
       linearly to zero (CycleGAN's schedule); `decay_end=None` keeps them constant. The critic
       updates of a generator step all use that step's rate.
+    - `ema`: decay of an exponential moving average of the generator's parameters (Yazıcı et
+      al., ICLR 2019), kept as `params['generator_ema']` and used for every inference-mode map
+      (validation, figures, apply); 0 disables it. At generator step t the decay used is
+      `min(ema, (1 + t) / (10 + t))`, so the average does not stay anchored at the
+      initialisation in short runs. The GAN's maps oscillate from step to step (measured on
+      the 2-D protocol: validation NCC 0.03 one evaluation after 0.78); the average does not.
     """
 
     l1_weight: float = 100.0
@@ -46,10 +52,13 @@ class GanConfig:
     b2: float = 0.9
     decay_start: int = 0
     decay_end: int | None = None
+    ema: float = 0.0
 
     def __post_init__(self):
         if self.lipschitz not in ("gradient-penalty", "clip"):
             raise ValueError(f"lipschitz must be 'gradient-penalty' or 'clip', got {self.lipschitz!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.decay_end is not None and not 0 <= self.decay_start < self.decay_end:
             raise ValueError(f"need 0 <= decay_start < decay_end, got {self.decay_start}, {self.decay_end}")
 
@@ -59,6 +68,11 @@ class GanConfig:
             return jnp.asarray(self.learning_rate, jnp.float32)
         left = (self.decay_end - jnp.asarray(step, jnp.float32)) / (self.decay_end - self.decay_start)
         return self.learning_rate * jnp.clip(left, 0.0, 1.0)
+
+    def ema_decay(self, step: jax.Array | int) -> jax.Array:
+        """The averaging decay at generator step `step` (see `ema`)."""
+        t = jnp.asarray(step, jnp.float32)
+        return jnp.minimum(self.ema, (1.0 + t) / (10.0 + t))
 
     def optimizer(self, step: jax.Array | int = 0) -> optax.GradientTransformation:
         """Adam at the rate of generator step `step`; its state does not depend on the rate, so
@@ -83,8 +97,11 @@ class MappingGan:
         g_vars = self.generator.init(g_key, example)
         d_vars = self.critic.init(d_key, example)
         tx = self.config.optimizer()
+        params = {"generator": g_vars["params"], "critic": d_vars["params"]}
+        if self.config.ema:
+            params["generator_ema"] = g_vars["params"]  # averaged, never optimised
         return TrainState.create(
-            params={"generator": g_vars["params"], "critic": d_vars["params"]},
+            params=params,
             tx={"generator": tx, "critic": tx}, rng=jax.random.key_data(rng),
             batch_stats={"generator": g_vars.get("batch_stats", {}),
                          "critic": d_vars.get("batch_stats", {})})
@@ -92,8 +109,15 @@ class MappingGan:
     # ---------------------------------------------------------- network calls
 
     def key_feature_map(self, state: TrainState, x: jax.Array, train: bool = False):
-        """M(x) `(B, *S, C)`; in training mode also the generator's new BatchNorm statistics."""
-        variables = {"params": state.params["generator"], "batch_stats": state.batch_stats["generator"]}
+        """M(x) `(B, *S, C)`; in training mode also the generator's new BatchNorm statistics.
+
+        Inference mode uses the averaged parameters when the GAN keeps them (`GanConfig.ema`),
+        with the live generator's running statistics.
+        """
+        params = state.params["generator"]
+        if not train:
+            params = state.params.get("generator_ema", params)
+        variables = {"params": params, "batch_stats": state.batch_stats["generator"]}
         if not train:
             return self.generator.apply(variables, x, train=False)
         return self.generator.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -150,9 +174,19 @@ class MappingGan:
             state.params["generator"], state, positive[-1])
         state = state.apply_gradients(tx, g_grads, network="generator")
         state = state.replace(batch_stats={**state.batch_stats, "generator": g_stats})
+        state = self.average_generator(state)
         metrics = {"loss": g_loss, "learning_rate": self.config.rate(state.step), **{f"generator_{k}": v for k, v in g_parts.items()},
                    **{k: v[-1] for k, v in critic_parts.items()}}
         return state, metrics
+
+    def average_generator(self, state: TrainState) -> TrainState:
+        """Moves the generator's average towards its current parameters (no-op without one)."""
+        if "generator_ema" not in state.params:
+            return state
+        decay = self.config.ema_decay(state.step)
+        average = jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p,
+                               state.params["generator_ema"], state.params["generator"])
+        return state.replace(params={**state.params, "generator_ema": average})
 
     def _critic_loss(self, critic_params, critic_stats, negative, fake, key):
         score = self._critic_fn(critic_params, critic_stats, train=True)
@@ -228,7 +262,8 @@ def build_mapping_gan(config: dict) -> MappingGan:
     gan_config = GanConfig(l1_weight=config["l1_weight"], lipschitz=config["lipschitz"],
                            gp_weight=config["gp_weight"], clip=config["clip"],
                            learning_rate=config["learning_rate"],
-                           decay_start=config.get("lr_decay_start", 0), decay_end=config.get("lr_decay_end"))
+                           decay_start=config.get("lr_decay_start", 0), decay_end=config.get("lr_decay_end"),
+                           ema=config.get("generator_ema", 0.0))
     return MappingGan(generator, critic, gan_config)
 
 

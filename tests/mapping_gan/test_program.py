@@ -193,6 +193,8 @@ def test_training_writes_every_output(tmp, trainings):
     assert (config["spatial_dims"], config["channels"]) == (3, 1)
     assert (config["best_metric"], config["best_mode"]) == ("val_ncc", "max")
     assert config["generator_features"] == [4, 8] and config["critic"] == "tt"
+    assert (config["lr_decay_start"], config["lr_decay_end"]) == (1, 2)  # --steps 2, --lr-decay 0.5
+    assert rows[0]["learning_rate"] == pytest.approx(config["learning_rate"])  # step 1 ran at rate(0)
 
     figures = sorted((workdir / "figures").glob("*.png"))
     assert len(figures) == 2  # --figures 2
@@ -211,7 +213,7 @@ def test_help_lists_every_option():
                    "--synthetic-subjects", "--generator-features", "--generator-norm", "--critic",
                    "--critic-widths", "--critic-growth", "--critic-layers", "--critic-norm",
                    "--critic-pooling-channels", "--critic-head", "--tt-rank", "--dtype", "--l1-weight",
-                   "--lipschitz", "--gp-weight", "--clip", "--learning-rate", "--n-critic",
+                   "--lipschitz", "--gp-weight", "--clip", "--learning-rate", "--lr-decay", "--n-critic",
                    "--n-critic-warmup", "--warmup-steps", "--warmup-every", "--figures", "--val-chunk",
                    "--steps", "--batch-size", "--seed", "--log-every", "--checkpoint-every",
                    "--eval-every", "--keep", "--no-progress", "--coordinator-address"):

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from jaxmed.mapping_gan import data
-from jaxmed.mapping_gan.steps import build_mapping_gan, chunked_validation
+from jaxmed.mapping_gan.steps import GanConfig, build_mapping_gan, chunked_validation
 from jaxmed.training import TrainState
 
 # The program's options, tiny (as `python -m train.mapping_gan` would save them in config.json).
@@ -49,7 +49,10 @@ def _state(gan, example, seed=0) -> TrainState:
     g = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(gan.generator.init, key, example))
     d = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(gan.critic.init, key, example))
     tx = gan.config.optimizer()
-    return TrainState.create(params={"generator": g["params"], "critic": d["params"]},
+    params = {"generator": g["params"], "critic": d["params"]}
+    if gan.config.ema:  # as init_state: the average starts at the initial generator
+        params["generator_ema"] = g["params"]
+    return TrainState.create(params=params,
                              tx={"generator": tx, "critic": tx}, rng=jax.random.key_data(jax.random.key(seed)),
                              batch_stats={"generator": g["batch_stats"], "critic": d.get("batch_stats", {})})
 
@@ -316,3 +319,51 @@ def test_chunked_validation_covers_unequal_groups():
 def test_unknown_lipschitz_method_is_rejected(bad):
     with pytest.raises(ValueError, match="lipschitz"):
         build_mapping_gan({**CONFIG, "lipschitz": bad})
+
+
+def test_learning_rate_decays_linearly_to_zero():
+    config = GanConfig(learning_rate=1e-3, decay_start=100, decay_end=300)
+    rates = [float(config.rate(s)) for s in (0, 100, 200, 250, 300, 400)]
+    np.testing.assert_allclose(rates, [1e-3, 1e-3, 5e-4, 2.5e-4, 0.0, 0.0], atol=1e-12)
+    assert float(GanConfig(learning_rate=2e-4).rate(10**6)) == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match="decay_start < decay_end"):
+        GanConfig(decay_start=10, decay_end=10)
+
+
+def test_step_uses_the_rate_of_its_generator_step():
+    """Halfway through the decay every update is half as large as at the full rate: Adam's
+    first update is lr * g / |g| per parameter, so the ratio is exact."""
+    gan = build_mapping_gan({**CONFIG, "lr_decay_start": 0, "lr_decay_end": 2})
+    state, batch = _state(gan, jnp.zeros((1, *SHAPE))), _batch()
+    full = build_mapping_gan(CONFIG)
+    halfway = state.replace(step=jnp.asarray(1, jnp.int32))
+    new, metrics = jax.jit(gan.train_step)(halfway, batch)
+    ref, _ = jax.jit(full.train_step)(halfway, batch)
+    assert float(metrics["learning_rate"]) == pytest.approx(CONFIG["learning_rate"] / 2)
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+             zip(jax.tree.leaves(new.params["generator"]), jax.tree.leaves(state.params["generator"]))]
+    moved_full = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
+                  zip(jax.tree.leaves(ref.params["generator"]), jax.tree.leaves(state.params["generator"]))]
+    np.testing.assert_allclose(moved, np.asarray(moved_full) / 2, rtol=1e-3)
+
+
+def test_generator_average_follows_its_formula_and_serves_inference():
+    gan = build_mapping_gan({**CONFIG, "generator_ema": 0.9})
+    state, batch = _state(gan, jnp.zeros((1, *SHAPE))), _batch()
+    assert "generator_ema" in state.params and "generator_ema" not in state.opt_state
+    state = state.replace(step=jnp.asarray(100, jnp.int32))  # past the warm-up: decay = 0.9
+    new, _ = jax.jit(gan.train_step)(state, batch)
+    decay = float(gan.config.ema_decay(100))
+    assert decay == pytest.approx(0.9) and float(gan.config.ema_decay(0)) == pytest.approx(0.1)
+    for a0, p1, a1 in zip(jax.tree.leaves(state.params["generator_ema"]), jax.tree.leaves(new.params["generator"]),
+                          jax.tree.leaves(new.params["generator_ema"])):
+        np.testing.assert_allclose(a1, decay * np.asarray(a0) + (1 - decay) * np.asarray(p1), rtol=1e-6, atol=1e-7)
+    # Inference maps come from the average, training-mode maps from the live generator.
+    x = batch["positive"][:, 0]
+    average_only = new.replace(params={**new.params, "generator": state.params["generator"]})
+    np.testing.assert_allclose(gan.key_feature_map(new, x), gan.key_feature_map(average_only, x), rtol=1e-6)
+    live = gan.generator.apply({"params": new.params["generator"], "batch_stats": new.batch_stats["generator"]},
+                               x, train=False)
+    assert not np.allclose(gan.key_feature_map(new, x), live)
+    without = build_mapping_gan({**CONFIG, "generator_ema": 0.0})
+    assert "generator_ema" not in _state(without, jnp.zeros((1, *SHAPE))).params
