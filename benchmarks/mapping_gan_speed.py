@@ -41,6 +41,7 @@ from benchmarks._timing import print_table
 from jaxmed import losses
 from jaxmed.mapping_gan.steps import MappingGan, build_mapping_gan
 from jaxmed.models.mapping_gan import mapped
+from jaxmed.training import comma_ints
 from train import mapping_gan as program
 
 COMPARISONS = ("config", "critic", "fusion", "dtype")
@@ -257,7 +258,7 @@ def build_parser(defaults: argparse.Namespace) -> argparse.ArgumentParser:
                         help="critic updates per generator step, k (default: %(default)s)")
     parser.add_argument("--large-size", type=int, default=48,
                         help="edge length of the large configuration (default: %(default)s)")
-    parser.add_argument("--large-features", type=program._ints, default="16,32,64,128",
+    parser.add_argument("--large-features", type=comma_ints, default="16,32,64,128",
                         help="generator features of the large configuration (VA-GAN: 16,32,64,128) "
                              "(default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default: %(default)s)")

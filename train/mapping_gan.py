@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decay of the moving average of the generator's parameters used for validation, "
                         "figures and apply; 0 uses the live generator (default: %(default)s)")
     g.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update (default: %(default)s)")
-    g.add_argument("--n-critic-warmup", type=int, default=25,
-                   help="critic updates in warm-up steps (VA-GAN: 100; lower for CPU) (default: %(default)s)")
+    g.add_argument("--n-critic-warmup", type=int, default=10,
+                   help="critic updates in warm-up steps (VA-GAN: 100; on CPU each warm-up step beyond "
+                        "--n-critic updates is slow, see MappingGan.unroll_critic) (default: %(default)s)")
     g.add_argument("--warmup-steps", type=int, default=5,
                    help="first generator steps with --n-critic-warmup (VA-GAN: 25) (default: %(default)s)")
     g.add_argument("--warmup-every", type=int, default=100,
@@ -107,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     o = parser.add_argument_group("outputs")
     o.add_argument("--figures", type=int, default=4, help="validation subjects drawn as PNG (default: %(default)s)")
     o.add_argument("--val-chunk", type=int, default=16, help="validation subjects per jitted call (default: %(default)s)")
-    add_training_args(parser, workdir="runs/mapping_gan", steps=60, batch_size=4,
-                      log_every=5, checkpoint_every=20, eval_every=20, keep=3)
+    add_training_args(parser, workdir="runs/mapping_gan", steps=400, batch_size=4,
+                      log_every=25, checkpoint_every=50, eval_every=50, keep=3)
     return parser
 
 
 _MODEL_KEYS = ("generator_features", "generator_norm", "critic", "critic_widths", "critic_growth",
                "critic_layers", "critic_norm", "critic_pooling_channels", "critic_head", "tt_rank",
-               "dtype", "l1_weight", "lipschitz", "gp_weight", "clip", "learning_rate", "generator_ema",
+               "dtype", "l1_weight", "lipschitz", "gp_weight", "clip", "learning_rate", "generator_ema", "n_critic",
                "normalisation", "percentiles", "seed")
 
 

@@ -11,6 +11,8 @@ States are filled from NumPy (no initialiser compiles); the program tests cover 
 initialisation.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -367,3 +369,13 @@ def test_generator_average_follows_its_formula_and_serves_inference():
     assert not np.allclose(gan.key_feature_map(new, x), live)
     without = build_mapping_gan({**CONFIG, "generator_ema": 0.0})
     assert "generator_ema" not in _state(without, jnp.zeros((1, *SHAPE))).params
+
+
+def test_unrolling_the_critic_loop_changes_nothing():
+    """A warm-up-sized k runs as a loop over unrolled chunks; the updates are the same."""
+    gan = build_mapping_gan({**CONFIG, "n_critic": 2})
+    assert gan.unroll_critic == 2
+    state, batch = _state(gan, jnp.zeros((1, *SHAPE))), _batch(k=4)
+    chunked, _ = jax.jit(gan.train_step)(state, batch)
+    looped, _ = jax.jit(dataclasses.replace(gan, unroll_critic=1).train_step)(state, batch)
+    _assert_trees_close(chunked.params, looped.params, "params")
