@@ -29,18 +29,16 @@ def _norm(text: str) -> str | None:
     return None if text == "none" else text
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _unit_interval(*, include_one: bool):
+    """An argparse type: a float in [0, 1] (or [0, 1) without `include_one`)."""
 
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (0.0 <= value <= 1.0 and (include_one or value < 1.0)):
+            raise argparse.ArgumentTypeError(f"must be in [0, {'1]' if include_one else '1)'}, got {text}")
+        return value
 
-def _decay(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--learning-rate", type=float, default=1e-3,
                    help="Adam lr of both networks, β1=0, β2=0.9 (VA-GAN paper: 1e-3; its code: 1e-4) "
                         "(default: %(default)s)")
-    g.add_argument("--lr-decay", type=_fraction, default=0.5,
+    g.add_argument("--lr-decay", type=_unit_interval(include_one=True), default=0.5,
                    help="fraction of --steps at the end over which both learning rates fall linearly "
                         "to zero; 0 keeps them constant (default: %(default)s)")
-    g.add_argument("--generator-ema", type=_decay, default=0.99,
+    g.add_argument("--generator-ema", type=_unit_interval(include_one=False), default=0.99,
                    help="decay of the moving average of the generator's parameters used for validation, "
                         "figures and apply; 0 uses the live generator (default: %(default)s)")
     g.add_argument("--n-critic", type=int, default=5, help="critic updates per generator update (default: %(default)s)")
@@ -115,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _MODEL_KEYS = ("generator_features", "generator_norm", "critic", "critic_widths", "critic_growth",
                "critic_layers", "critic_norm", "critic_pooling_channels", "critic_head", "tt_rank",
-               "dtype", "l1_weight", "lipschitz", "gp_weight", "clip", "learning_rate", "generator_ema", "n_critic",
-               "normalisation", "percentiles", "seed")
+               "dtype", "l1_weight", "lipschitz", "gp_weight", "clip", "learning_rate", "generator_ema",
+               "n_critic", "normalisation", "percentiles", "seed")
 
 
 def _subjects(args) -> list[nifti.Subject]:
