@@ -35,6 +35,7 @@ from jaxmed.data.nifti import EFFECT_TAG, POSITIVE, write_volume
 EFFECT_SIZE = 100.0
 BACKGROUND_STD = 50.0
 REFERENCE_SIZE = 112
+REFERENCE_SUBJECTS = 10_000  # the VA-GAN protocol's dataset (5 000 controls)
 DEFAULT_SUBJECTS = 1000
 _REFERENCE = dict(side=20, offset=32, jitter_low=-5, jitter_high=4, sigma=2.5)
 _PARAMS_FILE = "synthetic_vagan.json"
