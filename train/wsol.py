@@ -32,6 +32,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v and v != "none")
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.wsol", description=__doc__,
@@ -52,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-cooccurrence", type=float, default=0.5,
                    help="probability that a distractor rod has the colour paired with the "
                         "image's class (default: %(default)s)")
+    d.add_argument("--synthetic-body-tint", type=_non_negative, default=24.0,
+                   help="RGB levels by which a cell body's colour moves along its class's hue "
+                        "direction: weak class evidence over the whole body besides the small "
+                        "inclusion (per-channel colour jitter is ±20); 0 = the body carries no "
+                        "class evidence (default: %(default)s)")
     m = parser.add_argument_group("model")
     m.add_argument("--modules", type=_names, default=("conv4_3", "conv5_3"),
                    help="conv layers followed by a threshold-suppression module, comma-separated; "
@@ -92,7 +104,8 @@ def _dataset(args):
     else:
         data = make_wsol_dataset(args.synthetic_images, image_size=args.image_size,
                                  num_classes=args.synthetic_classes, seed=args.seed,
-                                 cooccurrence=args.synthetic_cooccurrence)
+                                 cooccurrence=args.synthetic_cooccurrence,
+                                 body_tint=args.synthetic_body_tint)
     return train_val_split(data, args.val_fraction, seed=args.seed)
 
 

@@ -1,5 +1,6 @@
-"""Synthetic WSOL data: determinism, geometry of boxes/masks/parts/distractors, and that the class
-is carried by the small part alone."""
+"""Synthetic WSOL data: determinism, geometry of boxes/masks/parts/distractors, that the class is
+carried by the small part alone (no body tint) and that the body tint is a weak class cue of the
+specified size."""
 
 import numpy as np
 import pytest
@@ -167,7 +168,8 @@ def test_decoy_cells_are_not_ground_truth():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(image_size=16), dict(num_classes=0), dict(num_classes=MAX_CLASSES + 1), dict(part_fraction=(0.2, 0.1)),
-     dict(objects_per_image=0), dict(distractors_per_image=(-1, 1))],
+     dict(objects_per_image=0), dict(distractors_per_image=(-1, 1)), dict(body_tint=-1.0),
+     dict(body_tint=float("nan"))],
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
@@ -177,3 +179,75 @@ def test_bad_arguments(kwargs):
 def test_impossible_layout_is_reported():
     with pytest.raises(ValueError, match="cannot fit"):
         make_wsol_dataset(2, image_size=32, objects_per_image=6, object_scale=(0.3, 0.3))
+
+
+# Generated before `body_tint` existed: make_wsol_dataset(6, image_size=40, num_classes=3, seed=11,
+# decoy_probability=0.5). Labels and boxes are exact; per-image mean pixel values to 0.01.
+_BEFORE_TINT_LABELS = [0, 1, 1, 2, 2, 0]
+_BEFORE_TINT_BOXES = [[10, 19, 22, 32], [16, 10, 29, 20], [23, 4, 32, 13], [3, 18, 13, 29],
+                      [8, 8, 23, 22], [5, 3, 18, 17]]
+_BEFORE_TINT_MEANS = [[211.76, 186.02, 205.34], [212.77, 191.67, 202.25], [208.2, 184.42, 200.14],
+                      [228.77, 204.1, 223.12], [208.87, 184.12, 204.76], [218.82, 192.47, 212.06]]
+
+
+def test_no_tint_reproduces_the_data_from_before_the_option():
+    kwargs = dict(image_size=40, num_classes=3, seed=11, decoy_probability=0.5)
+    default, zero = make_wsol_dataset(6, **kwargs), make_wsol_dataset(6, body_tint=0.0, **kwargs)
+    np.testing.assert_array_equal(default.images, zero.images)
+    np.testing.assert_array_equal(default.masks, zero.masks)
+    assert default.labels.tolist() == _BEFORE_TINT_LABELS
+    assert [b[0].tolist() for b in default.boxes] == _BEFORE_TINT_BOXES
+    means = default.images.reshape(6, -1, 3).astype(float).mean(axis=1)
+    np.testing.assert_allclose(means, _BEFORE_TINT_MEANS, atol=0.02)
+
+
+def test_tint_changes_only_the_cell_bodies():
+    """The tint draws no random numbers: geometry, labels, background, rods and decoys are the
+    untinted dataset's, pixel for pixel (inclusions show some body colour in their faint parts)."""
+    kwargs = dict(image_size=48, seed=6, decoy_probability=0.5)
+    plain, tinted = make_wsol_dataset(12, **kwargs), make_wsol_dataset(12, body_tint=20.0, **kwargs)
+    np.testing.assert_array_equal(plain.labels, tinted.labels)
+    for name in ("masks", "parts", "distractors"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(tinted, name))
+    np.testing.assert_array_equal(plain.images[~plain.masks], tinted.images[~plain.masks])
+    body = plain.masks & ~plain.parts
+    assert np.abs(plain.images[body].astype(int) - tinted.images[body]).mean() > 5
+
+
+def _class_body_colours(data, num_classes):
+    """Mean colour [K, 3] over each class's cell bodies (cell mask minus inclusion)."""
+    colours = _mean_colours(data.images.astype(float), data.masks & ~data.parts)  # [N, 3]
+    return np.stack([colours[data.labels == k].mean(axis=0) for k in range(num_classes)])
+
+
+@pytest.mark.parametrize("num_classes", [3, 4])
+def test_tint_separates_the_class_body_colours_by_the_specified_amount(num_classes):
+    tint = 30.0
+    kwargs = dict(image_size=48, num_classes=num_classes, seed=9)
+    plain = _class_body_colours(make_wsol_dataset(30 * num_classes, **kwargs), num_classes)
+    tinted = _class_body_colours(make_wsol_dataset(30 * num_classes, body_tint=tint, **kwargs),
+                                 num_classes)
+    # The same cells, so the colour jitter cancels: the shift is the tint times the mean shading
+    # of a body (rim 0.82, brightness 0.92-1.05: between 0.85 and 1).
+    shift = tinted - plain  # [K, 3]
+    np.testing.assert_allclose(shift.sum(axis=1), 0.0, atol=1.5)  # orthogonal to grey: a hue
+    size = np.linalg.norm(shift, axis=1)
+    assert np.all((0.85 * tint <= size) & (size <= tint))
+    # Evenly spaced on a circle: class j and k apart by 2 tint sin(pi |j - k| / K).
+    j, k = np.triu_indices(num_classes, 1)
+    expected = 2 * np.sin(np.pi * (k - j) / num_classes) * size.mean()
+    np.testing.assert_allclose(np.linalg.norm(shift[j] - shift[k], axis=1), expected, rtol=0.05)
+    # Without the tint the class means differ only by the jitter's sampling noise.
+    spread = np.linalg.norm(plain - plain.mean(axis=0), axis=1)
+    assert spread.max() < 0.25 * tint
+
+
+def test_tint_is_a_weak_cue_and_the_inclusion_stays_decisive():
+    data = make_wsol_dataset(240, image_size=48, seed=2, body_tint=16.0)
+    images = data.images.astype(float)
+    body = _nearest_centroid_accuracy(_mean_colours(images, data.masks & ~data.parts), data.labels)
+    part = _nearest_centroid_accuracy(_mean_colours(images, data.parts), data.labels)
+    assert 0.45 <= body <= 0.85  # chance is 0.25
+    assert part >= 0.97
+    for mask, part_mask in zip(data.masks, data.parts):
+        assert 0.05 <= part_mask.sum() / mask.sum() <= 0.15 and not np.any(part_mask & ~mask)

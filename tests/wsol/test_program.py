@@ -159,7 +159,8 @@ def test_folder_dataset_with_boxes_and_baseline(tmp, trainings):
 def test_help_lists_every_option():
     assert_help_lists("train.wsol", (
         "--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
-        "--synthetic-classes", "--modules", "--widths", "--conv6-width", "--batch-norm", "--cr",
+        "--synthetic-classes", "--synthetic-body-tint", "--modules", "--widths", "--conv6-width",
+        "--batch-norm", "--cr",
         "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay", "--warmup-steps",
         "--figures", "--steps", "--batch-size", "--workdir"))
 
