@@ -35,7 +35,7 @@ so the selection is not scored on the subjects it was made on. The target (SPEC:
 NCC >= 0.8 on the 2-D protocol) is judged on both and printed.
 
     python benchmarks/mapping_gan_quality.py --protocols 2d --steps-2d 5 --subjects-2d 64  # smoke
-    python benchmarks/mapping_gan_quality.py                                               # ~30 min
+    python benchmarks/mapping_gan_quality.py                                               # ~50 min
 """
 
 from __future__ import annotations
