@@ -165,27 +165,29 @@ def run_gan(args, protocol: str, workdir: Path) -> float:
     return time.perf_counter() - start
 
 
-def load_program_study(args, protocol: str, workdir: Path) -> data.Study:
-    """The program's study and split: its own options parsed from the command it was given."""
+def _read_as_program(args, protocol: str, workdir: Path, manifest: Path, val_fraction: float | None = None,
+                     seed: int | None = None) -> data.Study:
+    """A study read as the program reads its data: its own options, parsed from the command it was
+    given, and its U-Net's downsampling; `val_fraction`/`seed` default to the program's split."""
     options = program_parser().parse_args(gan_command(args, protocol, workdir)[3:])
     gan, _, _ = load_trained(workdir, "latest")
-    return data.load_study(nifti.read_manifest(workdir / "data" / "manifest.csv"),
-                           downsampling=gan.generator.total_downsampling, val_fraction=options.val_fraction,
-                           seed=options.seed, normalisation=options.normalisation,
+    return data.load_study(nifti.read_manifest(manifest), downsampling=gan.generator.total_downsampling,
+                           val_fraction=options.val_fraction if val_fraction is None else val_fraction,
+                           seed=options.seed if seed is None else seed, normalisation=options.normalisation,
                            percentiles=tuple(options.percentiles))
+
+
+def load_program_study(args, protocol: str, workdir: Path) -> data.Study:
+    """The program's study and its train/validation split."""
+    return _read_as_program(args, protocol, workdir, workdir / "data" / "manifest.csv")
 
 
 def load_test_set(args, protocol: str, workdir: Path, study: data.Study) -> dict[str, np.ndarray]:
-    """Positives and their ground truth of a fresh synthetic set, read as the program reads its data."""
+    """Positives and their ground truth of a fresh synthetic set (both halves of its split)."""
     n = args.test_subjects or len(study.val.labels)
-    directory = workdir.parent / "test"
-    manifest = synthetic_vagan.write_dataset(directory, dims=PROTOCOLS[protocol]["dims"], n_subjects=n,
-                                             seed=args.seed + 1, size=_per(args, "size", protocol))
-    options = program_parser().parse_args(gan_command(args, protocol, workdir)[3:])
-    gan, _, _ = load_trained(workdir, "latest")
-    test = data.load_study(nifti.read_manifest(manifest), downsampling=gan.generator.total_downsampling,
-                           val_fraction=0.5, seed=0, normalisation=options.normalisation,
-                           percentiles=tuple(options.percentiles))
+    manifest = synthetic_vagan.write_dataset(workdir.parent / "test", dims=PROTOCOLS[protocol]["dims"],
+                                             n_subjects=n, seed=args.seed + 1, size=_per(args, "size", protocol))
+    test = _read_as_program(args, protocol, workdir, manifest, val_fraction=0.5, seed=0)
     halves = [data.validation_arrays(split) for split in (test.train, test.val)]
     return {key: np.concatenate([h[key] for h in halves]) for key in ("positive", "effect")}
 
