@@ -20,9 +20,9 @@ import numpy as np
 from jaxmed.data.synthetic_wsol import make_wsol_dataset
 from jaxmed.data.wsol_folder import load_wsol_folder, train_val_split
 from jaxmed.explain import cam_boxes
-from jaxmed.training import (ArraySource, add_training_args, comma_ints, fit, fit_options,
+from jaxmed.training import (ArraySource, Checkpoints, add_training_args, comma_ints, fit, fit_options,
                              inference_parser, init_distributed, make_batches, program_main,
-                             write_run_config)
+                             transfer_matching, write_run_config, TrainState)
 from jaxmed.wsol.figures import localization_grid
 from jaxmed.wsol.localize import THRESHOLDS_NAME, load_trained, localize_files
 from jaxmed.wsol.steps import MODEL_KEYS, build_wsol, validation
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features below t·max are irrelevant (default: %(default)s)")
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="computation dtype; parameters stay float32 (default: %(default)s)")
+    m.add_argument("--init-from", metavar="RUN",
+                   help="start from the best checkpoint of an earlier run (e.g. a plain CAM "
+                        "run): every layer both networks have is copied, inserted modules keep "
+                        "their initialisation; the optimiser and step start afresh")
     o = parser.add_argument_group("optimiser")
     o.add_argument("--learning-rate", type=float, default=2e-3,
                    help="AdamW peak learning rate, cosine decay (default: %(default)s)")
@@ -124,13 +128,15 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     has_boxes = val_set.boxes is not None and any(len(b) for b in val_set.boxes)
     config = {k: getattr(args, k) for k in MODEL_KEYS if hasattr(args, k)}
     config.update(num_classes=len(train_set.class_names), class_names=list(train_set.class_names),
-                  best_metric="val_maxboxacc_v2" if has_boxes else "val_top1", best_mode="max")
-    write_run_config(workdir, config)
+                  best_metric="val_maxboxacc_v2" if has_boxes else "val_top1", best_mode="max",
+                  init_from=str(Path(args.init_from).resolve()) if args.init_from else None)
     wsol = build_wsol(config)
+    initial_state = _initial_state(wsol, args)  # a bad --init-from fails before any write
+    write_run_config(workdir, config)
     batches = make_batches(ArraySource(image=train_set.images, label=train_set.labels),
                            args.batch_size, seed=args.seed, transform=_flip)
     evaluate = validation(wsol, val_set.images, val_set.labels, val_set.boxes)
-    fit(init_state=lambda: wsol.init_state(args.seed), train_step=wsol.train_step,
+    fit(init_state=initial_state, train_step=wsol.train_step,
         train_data=batches, eval_fn=evaluate, best_metric=config["best_metric"],
         best_mode="max", **fit_options(args))
     # Report, and keep the thresholds of, the model that localises best on validation.
@@ -144,6 +150,27 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     print("validation (best checkpoint): " + ", ".join(
         f"{k} = {v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
+
+
+def _initial_state(wsol, args):
+    """The state to start from: a fresh network (`() -> state`), or with `--init-from` its
+    warm start, read only when the run has no checkpoint of its own to resume from."""
+    checkpoints = Checkpoints(args.workdir, keep=1)
+    resuming = checkpoints.latest_step() is not None
+    checkpoints.close()
+    if not args.init_from or resuming:
+        return lambda: wsol.init_state(args.seed)
+    _, source, _ = load_trained(args.init_from, "best")
+    state = wsol.init_state(args.seed)
+    merged, copied, kept = transfer_matching(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        {"params": source.params, "batch_stats": source.batch_stats},
+        source_name=f"--init-from {args.init_from}")
+    if jax.process_index() == 0:
+        print(f"initialised {len(copied)} arrays from {args.init_from}; "
+              f"{len(kept)} new: {', '.join(kept) or 'none'}")
+    return TrainState.create(params=merged["params"], tx=wsol.tx, rng=state.rng,
+                             batch_stats=merged["batch_stats"])
 
 
 def _figures(wsol, state, val_set, threshold: float, path: Path, count: int) -> None:

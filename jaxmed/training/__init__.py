@@ -39,6 +39,7 @@ from jaxmed.training._mesh import shard_batch as shard_batch
 from jaxmed.training._preemption import PreemptionWatcher as PreemptionWatcher
 from jaxmed.training._run import read_run_config as read_run_config
 from jaxmed.training._run import restore_trained as restore_trained
+from jaxmed.training._run import transfer_matching as transfer_matching
 from jaxmed.training._run import write_run_config as write_run_config
 from jaxmed.training._state import TrainState as TrainState
 from jaxmed.training._supervised import images_to_unit_range as images_to_unit_range

@@ -66,3 +66,41 @@ def restore_trained(workdir: str | os.PathLike, init_state: Callable[[], Any], *
         raise InputDataError(f"{workdir}: no checkpoint to use (train first)")
     finally:
         checkpoints.close()
+
+
+def transfer_matching(target: Any, source: Any, *, source_name: str = "source"
+                      ) -> tuple[Any, list[str], list[str]]:
+    """Warm start: `target` with every array that `source` has at the same path.
+
+    Both are nested dicts of arrays (e.g. `{'params': ..., 'batch_stats': ...}`). An array
+    whose path is only in `target` (a layer the source network lacks, such as an inserted
+    module) keeps its value; arrays only in `source` are ignored.
+
+    **Returns:** `(merged, copied, kept)`: the merged tree (same structure as `target`) and
+    the '/'-joined paths copied from `source` and kept from `target`.
+
+    **Raises:** `InputDataError` (naming `source_name` and the path) when an array is at the
+    same path in both with a different shape, or when no path is shared at all.
+    """
+    from flax import traverse_util
+
+    flat_target = traverse_util.flatten_dict(target, keep_empty_nodes=True, sep="/")
+    flat_source = traverse_util.flatten_dict(source, sep="/")
+    merged, copied, kept = {}, [], []
+    for path, value in flat_target.items():
+        if value is traverse_util.empty_node:  # e.g. no BatchNorm statistics
+            merged[path] = value
+            continue
+        if path not in flat_source:
+            merged[path] = value
+            kept.append(path)
+            continue
+        other = flat_source[path]
+        if other.shape != value.shape:
+            raise InputDataError(f"{source_name}: {path} has shape {tuple(other.shape)}, the "
+                                 f"network being trained needs {tuple(value.shape)}")
+        merged[path] = jax.numpy.asarray(other, dtype=value.dtype)
+        copied.append(path)
+    if not copied:
+        raise InputDataError(f"{source_name}: shares no parameter with the network being trained")
+    return traverse_util.unflatten_dict(merged, sep="/"), copied, kept

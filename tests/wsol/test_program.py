@@ -99,7 +99,14 @@ def followups(tmp, trainings):
     run, cache = tmp / "run", tmp / "jax_cache"
     inputs = [tmp / "inputs" / "wide.png", tmp / "inputs" / "grey.png"]
     bad = _bad_cases(tmp / "bad")
+    plain = str(tmp / "folder_run")
     commands = {"resume": _train(tmp / "resumed", "--steps", "6"),
+                "warm": _train(tmp / "warm", "--steps", "2", "--learning-rate", "0",
+                               "--init-from", plain),
+                "warm_shape": _train(tmp / "warm_shape", "--steps", "2", "--widths", "4,4,8,8,16",
+                                     "--init-from", plain),
+                "warm_missing": _train(tmp / "warm_missing", "--steps", "2",
+                                       "--init-from", str(tmp / "no_run")),
                 "localize": _localize(run, tmp / "localized", *inputs),
                 "localize_missing": _localize(run, tmp / "localized_bad", tmp / "inputs" / "nope.png")}
     for case, (extra, _, _) in bad.items():
@@ -108,6 +115,7 @@ def followups(tmp, trainings):
 
     def launch():
         trainings["synthetic"].ok()
+        trainings["folder"].ok()
         (tmp / "run_before.json").write_text(json.dumps(snapshot(run)))
         shutil.copytree(run, tmp / "resumed", symlinks=True)
         _write_bad_cases(tmp / "bad")
@@ -162,11 +170,43 @@ def test_help_lists_every_option():
         "--synthetic-classes", "--synthetic-body-tint", "--modules", "--widths", "--conv6-width",
         "--batch-norm", "--cr",
         "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay", "--warmup-steps",
-        "--figures", "--steps", "--batch-size", "--workdir"))
+        "--figures", "--init-from", "--steps", "--batch-size", "--workdir"))
 
 
 def test_resume_continues(tmp, followups):
     assert_resumed(followups["jobs"]["resume"], tmp / "resumed", saved_step=4, steps=6)
+
+
+def test_init_from_copies_the_shared_layers_and_initialises_the_modules(tmp, followups):
+    """A two-module network warm-started from a plain CAM run (learning rate 0, so the
+    parameters stay where they started): every conv and the classifier are the source run's,
+    the modules are new; config.json records the source."""
+    from flax import traverse_util
+
+    from jaxmed.wsol.localize import load_trained
+
+    out = followups["jobs"]["warm"].ok()
+    assert "12 new: params/conv4_3_suppression/" in out.stdout, out.stdout
+    config = json.loads((tmp / "warm" / "config.json").read_text())
+    assert config["init_from"] == str((tmp / "folder_run").resolve())
+    _, source, _ = load_trained(tmp / "folder_run", "best")
+    _, warm, _ = load_trained(tmp / "warm", "latest")
+    assert int(warm.step) == 2
+    source_params = traverse_util.flatten_dict(source.params, sep="/")
+    warm_params = traverse_util.flatten_dict(warm.params, sep="/")
+    new = sorted(k for k in warm_params if k not in source_params)
+    assert new and all("_suppression/" in k for k in new), new
+    for path, value in source_params.items():
+        np.testing.assert_array_equal(np.asarray(warm_params[path]), np.asarray(value), err_msg=path)
+
+
+def test_bad_init_from_fails_before_writing(tmp, followups):
+    message = failure_message(followups["jobs"]["warm_shape"].result())
+    assert str(tmp / "folder_run") in message and "shape" in message, message
+    message = failure_message(followups["jobs"]["warm_missing"].result())
+    assert str(tmp / "no_run" / "config.json") in message, message
+    for name in ("warm_shape", "warm_missing"):
+        assert not (tmp / name / "config.json").exists()
 
 
 def test_localize_writes_class_box_and_cam_at_the_image_size(tmp, followups):
