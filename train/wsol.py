@@ -39,6 +39,16 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _scale_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH, got {text!r}") from None
+    if not 0.0 < low <= high < 0.5:
+        raise argparse.ArgumentTypeError(f"need 0 < LOW <= HIGH < 0.5, got {text}")
+    return low, high
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.wsol", description=__doc__,
@@ -59,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic-cooccurrence", type=float, default=0.5,
                    help="probability that a distractor rod has the colour paired with the "
                         "image's class (default: %(default)s)")
+    d.add_argument("--synthetic-object-scale", type=_scale_range, default=(0.14, 0.22),
+                   metavar="LOW,HIGH",
+                   help="range of a cell's semi-major axis as a fraction of the image size "
+                        "(default: %(default)s)")
     d.add_argument("--synthetic-body-tint", type=_non_negative, default=24.0,
                    help="RGB levels by which a cell body's colour moves along its class's hue "
                         "direction: weak class evidence over the whole body besides the small "
@@ -109,7 +123,8 @@ def _dataset(args):
         data = make_wsol_dataset(args.synthetic_images, image_size=args.image_size,
                                  num_classes=args.synthetic_classes, seed=args.seed,
                                  cooccurrence=args.synthetic_cooccurrence,
-                                 body_tint=args.synthetic_body_tint)
+                                 body_tint=args.synthetic_body_tint,
+                                 object_scale=args.synthetic_object_scale)
     return train_val_split(data, args.val_fraction, seed=args.seed)
 
 

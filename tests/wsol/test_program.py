@@ -167,10 +167,21 @@ def test_folder_dataset_with_boxes_and_baseline(tmp, trainings):
 def test_help_lists_every_option():
     assert_help_lists("train.wsol", (
         "--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
-        "--synthetic-classes", "--synthetic-body-tint", "--modules", "--widths", "--conv6-width",
+        "--synthetic-classes", "--synthetic-object-scale", "--synthetic-body-tint", "--modules", "--widths", "--conv6-width",
         "--batch-norm", "--cr",
         "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay", "--warmup-steps",
         "--figures", "--init-from", "--steps", "--batch-size", "--workdir"))
+
+
+def test_object_scale_option_checks_its_range():
+    from train.wsol import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--synthetic-object-scale", "0.28,0.38"]).synthetic_object_scale == (0.28, 0.38)
+    assert parse([]).synthetic_object_scale == (0.14, 0.22)
+    for bad in ("0.3", "0.4,0.3", "0,0.2", "0.2,0.5", "a,b"):
+        with pytest.raises(SystemExit):
+            parse(["--synthetic-object-scale", bad])
 
 
 def test_resume_continues(tmp, followups):
