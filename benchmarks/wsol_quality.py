@@ -19,6 +19,12 @@ make the network use that weaker evidence, so that its CAM spreads over the body
     python benchmarks/wsol_quality.py --seeds 1 --steps 50   # smoke
     python benchmarks/wsol_quality.py -- --image-size 128    # options for every run
     python benchmarks/wsol_quality.py -- --synthetic-body-tint 0   # bodies without class cue
+    python benchmarks/wsol_quality.py --pretrain-steps 400 --steps 400   # warm start
+
+`--pretrain-steps N` is the seed's regime, which inserts its modules into a pretrained VGG16:
+for each seed a plain CAM network is trained for N steps first (WORKDIR/pretrain/seed<k>), and
+every variant, the CAM baseline included, is then trained from it (`--init-from`) for the
+given steps.
 """
 
 from __future__ import annotations
@@ -55,25 +61,37 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per variant")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps of every run (default: the program's)")
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="train a plain CAM network this long per seed and start every "
+                             "variant from it (default: 0, every run from scratch)")
     parser.add_argument("extra", nargs="*", help="options passed to every run (after --)")
     args = parser.parse_args()
 
+    def train(workdir: Path, seed: int, modules: str, steps: int | None, *extra: str):
+        shutil.rmtree(workdir, ignore_errors=True)
+        options = ["--workdir", str(workdir), "--seed", str(seed), "--modules", modules,
+                   "--no-progress", *args.extra, *extra]
+        if steps is not None:
+            every = str(max(steps // 4, 1))
+            options += ["--steps", str(steps), "--eval-every", every, "--checkpoint-every", every]
+        run = wsol.build_parser().parse_args(options)
+        start = time.perf_counter()
+        return run, wsol.train(run), time.perf_counter() - start
+
+    pretrained = {}
+    if args.pretrain_steps > 0:
+        for seed in range(args.seeds):
+            pretrained[seed] = Path(args.workdir) / "pretrain" / f"seed{seed}"
+            train(pretrained[seed], seed, "none", args.pretrain_steps)
     results: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     for name, modules in VARIANTS.items():
         for seed in range(args.seeds):
-            workdir = Path(args.workdir) / modules.replace(",", "+") / f"seed{seed}"
-            shutil.rmtree(workdir, ignore_errors=True)
-            options = ["--workdir", str(workdir), "--seed", str(seed), "--modules", modules,
-                       "--no-progress", *args.extra]
-            if args.steps is not None:
-                every = str(max(args.steps // 3, 1))
-                options += ["--steps", str(args.steps), "--eval-every", every,
-                            "--checkpoint-every", every]
-            run = wsol.build_parser().parse_args(options)
-            start = time.perf_counter()
-            results.setdefault(name, []).append(wsol.train(run))
-            seconds.setdefault(name, []).append(time.perf_counter() - start)
+            warm = ("--init-from", str(pretrained[seed])) if pretrained else ()
+            run, metrics, wall = train(Path(args.workdir) / modules.replace(",", "+") / f"seed{seed}",
+                                       seed, modules, args.steps, *warm)
+            results.setdefault(name, []).append(metrics)
+            seconds.setdefault(name, []).append(wall)
 
     baseline = {c: statistics.mean(r[c] for r in results["CAM"]) for c in COLUMNS}
     rows = []
@@ -83,7 +101,9 @@ def main() -> None:
                      *(f"{means[c] - baseline[c]:+.2f}" for c in COLUMNS[1:]),
                      statistics.mean(seconds[name])])
     print()
-    print(f"synthetic WSOL data, {args.seeds} seed(s), {run.steps} steps of batch "
+    start = (f"from a plain CAM network trained {args.pretrain_steps} steps, "
+             if pretrained else "from scratch, ")
+    print(f"synthetic WSOL data, {args.seeds} seed(s), {start}{run.steps} steps of batch "
           f"{run.batch_size}, {run.image_size}x{run.image_size}, body tint "
           f"{run.synthetic_body_tint:g}, VGG16 widths "
           f"{','.join(map(str, run.widths))}, conv6 {run.conv6_width}; % on the validation split")
