@@ -20,9 +20,9 @@ import numpy as np
 from jaxmed.data.synthetic_wsol import make_wsol_dataset
 from jaxmed.data.wsol_folder import load_wsol_folder, train_val_split
 from jaxmed.explain import cam_boxes
-from jaxmed.training import (ArraySource, Checkpoints, add_training_args, comma_ints, fit, fit_options,
-                             inference_parser, init_distributed, make_batches, program_main,
-                             transfer_matching, write_run_config, TrainState)
+from jaxmed.training import (ArraySource, Checkpoints, TrainState, add_training_args, comma_ints,
+                             fit, fit_options, inference_parser, init_distributed, make_batches,
+                             program_main, transfer_matching, write_run_config)
 from jaxmed.wsol.figures import localization_grid
 from jaxmed.wsol.localize import THRESHOLDS_NAME, load_trained, localize_files
 from jaxmed.wsol.steps import MODEL_KEYS, build_wsol, validation

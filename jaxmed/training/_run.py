@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
 from jaxmed.errors import InputDataError
 from jaxmed.training._checkpoint import Checkpoints
@@ -82,8 +84,6 @@ def transfer_matching(target: Any, source: Any, *, source_name: str = "source"
     **Raises:** `InputDataError` (naming `source_name` and the path) when an array is at the
     same path in both with a different shape, or when no path is shared at all.
     """
-    from flax import traverse_util
-
     flat_target = traverse_util.flatten_dict(target, keep_empty_nodes=True, sep="/")
     flat_source = traverse_util.flatten_dict(source, sep="/")
     merged, copied, kept = {}, [], []
@@ -99,7 +99,7 @@ def transfer_matching(target: Any, source: Any, *, source_name: str = "source"
         if other.shape != value.shape:
             raise InputDataError(f"{source_name}: {path} has shape {tuple(other.shape)}, the "
                                  f"network being trained needs {tuple(value.shape)}")
-        merged[path] = jax.numpy.asarray(other, dtype=value.dtype)
+        merged[path] = jnp.asarray(other, dtype=value.dtype)
         copied.append(path)
     if not copied:
         raise InputDataError(f"{source_name}: shares no parameter with the network being trained")

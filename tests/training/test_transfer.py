@@ -21,9 +21,11 @@ def test_shared_paths_are_copied_and_new_ones_kept():
     source["params"]["only_in_source"] = {"bias": jnp.ones(5)}
     source["batch_stats"]["conv"]["mean"] = jnp.full((4,), -1.0)
     merged, copied, kept = transfer_matching(target, source)
-    assert sorted(copied) == ["batch_stats/conv/mean", "params/classifier/kernel", "params/conv/kernel"]
+    assert sorted(copied) == ["batch_stats/conv/mean", "params/classifier/kernel",
+                              "params/conv/kernel"]
     assert kept == ["params/module/kernel"]
-    np.testing.assert_array_equal(merged["params"]["conv"]["kernel"], source["params"]["conv"]["kernel"])
+    np.testing.assert_array_equal(merged["params"]["conv"]["kernel"],
+                                  source["params"]["conv"]["kernel"])
     np.testing.assert_array_equal(merged["batch_stats"]["conv"]["mean"], -1.0)
     np.testing.assert_array_equal(merged["params"]["module"]["kernel"], 7.0)
     assert "only_in_source" not in merged["params"]
