@@ -20,6 +20,7 @@ make the network use that weaker evidence, so that its CAM spreads over the body
     python benchmarks/wsol_quality.py -- --image-size 128    # options for every run
     python benchmarks/wsol_quality.py -- --synthetic-body-tint 0   # bodies without class cue
     python benchmarks/wsol_quality.py --pretrain-steps 400 --steps 400   # warm start
+    python benchmarks/wsol_quality.py --resume -- --image-size 224   # hours: resumable
 
 Measured (2026-11-22, 2 CPU cores, `python benchmarks/wsol_quality.py`, 3 seeds, 800 steps,
 % on validation; mean ± std): CAM MaxBoxAcc 0.5 30.6 ± 9.5, one module 17.2 ± 3.9, two modules
@@ -34,11 +35,19 @@ is 38.1 ± 1.7 (CAM), 18.3 ± 5.6 (one module), 13.1 ± 4.2 (two).
 for each seed a plain CAM network is trained for N steps first (WORKDIR/pretrain/seed<k>), and
 every variant, the CAM baseline included, is then trained from it (`--init-from`) for the
 given steps.
+
+`--resume` makes a long benchmark survive interruptions (at 224×224 it takes hours on a CPU):
+each run's options and, once it has finished, its metrics and time are kept in
+WORKDIR/<variant>/seed<k>/benchmark.json. With `--resume` a finished run with the same options
+is not trained again, and an unfinished one continues from its last checkpoint (the program
+resumes by itself); a run whose options differ is started afresh. Without `--resume` every run
+starts afresh. The time of a run resumed mid-way is unknown and left out of "train s".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -55,7 +64,29 @@ VARIANTS = {
     "1 module (conv5_3)": "conv5_3",
     "2 modules (conv4_3, conv5_3)": "conv4_3,conv5_3",
 }
+RECORD_NAME = "benchmark.json"
 COLUMNS = ("val_top1", "val_maxboxacc_50", "val_maxboxacc_70", "val_maxboxacc_v2")
+
+
+def _read_record(path: Path) -> dict | None:
+    """A run's `benchmark.json`, or None when it is missing or unreadable (the run is redone)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "options" in record else None
+
+
+def _write_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record, indent=2))
+    temporary.replace(path)
+
+
+def _mean_known(values: list[float | None]) -> float | str:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else "-"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -73,32 +104,49 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=0,
                         help="train a plain CAM network this long per seed and start every "
                              "variant from it (default: 0, every run from scratch)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs an earlier invocation with the same options "
+                             "finished, and continue the ones it left unfinished")
     parser.add_argument("extra", nargs="*", help="options passed to every run (after --)")
     args = parser.parse_args()
 
-    def train(workdir: Path, seed: int, modules: str, steps: int | None, *extra: str):
-        shutil.rmtree(workdir, ignore_errors=True)
+    def train(workdir: Path, seed: int, modules: str, steps: int | None, *extra: str,
+              redo: bool = False):
         options = ["--workdir", str(workdir), "--seed", str(seed), "--modules", modules,
                    "--no-progress", *args.extra, *extra]
         if steps is not None:
             every = str(max(steps // 4, 1))
             options += ["--steps", str(steps), "--eval-every", every, "--checkpoint-every", every]
         run = wsol.build_parser().parse_args(options)
+        record = workdir / RECORD_NAME
+        kept = _read_record(record) if args.resume and not redo else None
+        if kept is not None and kept["options"] == options and "metrics" in kept:
+            print(f"{workdir}: finished earlier with the same options; not trained again")
+            return run, kept["metrics"], kept["seconds"], True
+        continuing = kept is not None and kept["options"] == options
+        if not continuing:
+            shutil.rmtree(workdir, ignore_errors=True)
+            _write_record(record, {"options": options})
         start = time.perf_counter()
-        return run, wsol.train(run), time.perf_counter() - start
+        metrics = {k: float(v) for k, v in wsol.train(run).items()}
+        seconds = None if continuing else time.perf_counter() - start
+        _write_record(record, {"options": options, "metrics": metrics, "seconds": seconds})
+        return run, metrics, seconds, False
 
-    pretrained = {}
+    pretrained, retrained = {}, set()  # a run warm-started from a retrained network is redone
     if args.pretrain_steps > 0:
         for seed in range(args.seeds):
             pretrained[seed] = Path(args.workdir) / "pretrain" / f"seed{seed}"
-            train(pretrained[seed], seed, "none", args.pretrain_steps)
+            if not train(pretrained[seed], seed, "none", args.pretrain_steps)[3]:
+                retrained.add(seed)
     results: dict[str, list[dict[str, float]]] = {}
     seconds: dict[str, list[float]] = {}
     for name, modules in VARIANTS.items():
         for seed in range(args.seeds):
             warm = ("--init-from", str(pretrained[seed])) if pretrained else ()
             workdir = Path(args.workdir) / modules.replace(",", "+") / f"seed{seed}"
-            run, metrics, wall = train(workdir, seed, modules, args.steps, *warm)
+            run, metrics, wall, _ = train(workdir, seed, modules, args.steps, *warm,
+                                          redo=seed in retrained)
             results.setdefault(name, []).append(metrics)
             seconds.setdefault(name, []).append(wall)
 
@@ -108,13 +156,14 @@ def main() -> None:
         means = {c: statistics.mean(r[c] for r in runs) for c in COLUMNS}
         rows.append([name, *(_mean_std([r[c] for r in runs]) for c in COLUMNS),
                      *(f"{means[c] - baseline[c]:+.2f}" for c in COLUMNS[1:]),
-                     statistics.mean(seconds[name])])
+                     _mean_known(seconds[name])])
     print()
     start = (f"from a plain CAM network trained {args.pretrain_steps} steps, "
              if pretrained else "from scratch, ")
     print(f"synthetic WSOL data, {args.seeds} seed(s), {start}{run.steps} steps of batch "
           f"{run.batch_size}, {run.image_size}x{run.image_size}, body tint "
-          f"{run.synthetic_body_tint:g}, VGG16 widths "
+          f"{run.synthetic_body_tint:g}, cell semi-axis "
+          f"{'-'.join(f'{v:g}' for v in run.synthetic_object_scale)} of the side, VGG16 widths "
           f"{','.join(map(str, run.widths))}, conv6 {run.conv6_width}; % on the validation split")
     print_table(["variant", "top-1", "MaxBoxAcc 0.5", "MaxBoxAcc 0.7", "MaxBoxAccV2",
                  "Δ 0.5 vs CAM", "Δ 0.7 vs CAM", "Δ V2 vs CAM", "train s"], rows)
