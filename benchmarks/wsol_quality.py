@@ -29,7 +29,15 @@ erasing each channel's peaks makes the class evidence, and so the CAM, spread ar
 object, over a map that already covers more than the cell; and a module after conv4_3 can stall
 training from scratch (one seed of three stays at 75 % top-1, two classes merged). Warm-started
 (`--pretrain-steps 400 --steps 400`) every network reaches 99.6-99.9 % top-1, and MaxBoxAcc 0.5
-is 38.1 ± 1.7 (CAM), 18.3 ± 5.6 (one module), 13.1 ± 4.2 (two).
+is 38.1 ± 1.7 (CAM), 18.3 ± 5.6 (one module), 13.1 ± 4.2 (two). Single-seed trials of other
+geometries (`python -m train.wsol`, best checkpoint) agree: at 224×224, the seed's resolution
+(14×14 CAM), 400 steps, CAM 57.9 against 38.8 for two modules (its best checkpoint, step
+100 at 83.5 % top-1; 21.3 at step 400, 100 % top-1); at 128×128 with cells of
+semi-axis 0.28-0.38 and tint 16, 400 steps, CAM 75.4, one module 69.0, two 54.4; at 96×96 with
+cells of semi-axis 0.34-0.44 (box 40 % of the image), tint 16, 800 steps, all three are at
+92.7-94.0, a tie (IoU 0.7: 25.8, 24.6, 22.3). In every
+one of them plain CAM's box at its best threshold is already 1.14-1.5 times the cell's box
+(median), so there is nothing for the modules' spreading to recover.
 
 `--pretrain-steps N` is the seed's regime, which inserts its modules into a pretrained VGG16:
 for each seed a plain CAM network is trained for N steps first (WORKDIR/pretrain/seed<k>), and
