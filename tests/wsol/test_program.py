@@ -168,9 +168,8 @@ def test_help_lists_every_option():
     assert_help_lists("train.wsol", (
         "--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
         "--synthetic-classes", "--synthetic-object-scale", "--synthetic-body-tint", "--modules",
-        "--widths", "--conv6-width",
-        "--batch-norm", "--cr",
-        "--alpha", "--t", "--dtype", "--learning-rate", "--weight-decay", "--warmup-steps",
+        "--widths", "--conv6-width", "--batch-norm", "--cr", "--alpha", "--t", "--dtype",
+        "--learning-rate", "--weight-decay", "--warmup-steps",
         "--figures", "--init-from", "--steps", "--batch-size", "--workdir"))
 
 
