@@ -12,9 +12,11 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -107,6 +109,57 @@ def snapshot(folder: pathlib.Path) -> list[tuple]:
 
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_processes(folder: pathlib.Path, name: str, args: list[str], env: dict) -> list[Job]:
+    """Start `args` (a `python -m train.<name> ...` command line) as two `jax.distributed`
+    processes on localhost, jobs `<name>.0` and `<name>.1`."""
+    address = f"127.0.0.1:{free_port()}"
+    jobs = []
+    for i in range(2):
+        job = Job(folder, f"{name}.{i}")
+        job.start([*args, "--coordinator-address", address, "--num-processes", "2",
+                   "--process-id", str(i)], env)
+        jobs.append(job)
+    return jobs
+
+
+def checkpoint_arrays(workdir: pathlib.Path, kind: str = "checkpoints") -> dict:
+    """`{'/'-joined path: numpy array}` of the newest checkpoint in `workdir/<kind>` (the
+    train state: params, batch_stats, opt_state, ...)."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    steps = sorted((p for p in (workdir / kind).iterdir() if p.name.isdigit()),
+                   key=lambda p: int(p.name))
+    assert steps, f"no checkpoint in {workdir / kind}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # restoring without a target: shardings from file
+        tree = ocp.PyTreeCheckpointer().restore(str(steps[-1].resolve() / "state"))
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            yield prefix, np.asarray(node)
+
+    return dict(walk(tree))
+
+
+def assert_same_arrays(a: dict, b: dict, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two `checkpoint_arrays` results hold the same paths and (close) values."""
+    import numpy as np
+
+    assert sorted(a) == sorted(b)
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=rtol, atol=atol, err_msg=path)
+
+
 def failure_message(done: subprocess.CompletedProcess) -> str:
     """The last line of a failed program's stderr, checked to be a clean `error: ...` line."""
     assert done.returncode != 0, done.stdout[-2000:]
@@ -115,13 +168,46 @@ def failure_message(done: subprocess.CompletedProcess) -> str:
     return message
 
 
-def assert_help_lists(module: str, options, command: str | None = None) -> None:
-    """`python -m <module> [command] --help` succeeds and names every option."""
+def parser_options(parser) -> list[str]:
+    """Every long option string of an argparse parser (`--help` excluded)."""
+    return sorted({o for action in parser._actions for o in action.option_strings
+                   if o.startswith("--") and o != "--help"})
+
+
+def assert_help_lists(module: str, parser, command: str | None = None, *,
+                      readme_section: str | None = None) -> None:
+    """`python -m <module> [command] --help` succeeds and names every option of `parser`
+    (the parser the program builds); with `readme_section`, the README's section of that
+    title names each of them too (the common training and distributed options are described
+    once, in "What a run writes", and are not required there)."""
     args = [sys.executable, "-m", module, *([command] if command else []), "--help"]
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
-    for option in options:
-        assert option in done.stdout, option
+    options = parser_options(parser)
+    assert options, "the parser has no options"
+    missing = [o for o in options if o not in done.stdout]
+    assert not missing, f"--help does not list {missing}"
+    if readme_section is not None:
+        section = readme_text(readme_section)
+        common = set(parser_options(_common_parser()))
+        absent = [o for o in options if o not in common and o not in section]
+        assert not absent, f"README section {readme_section!r} does not mention {absent}"
+
+
+def readme_text(title: str) -> str:
+    """The README's section headed `### <title>` (up to the next heading)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"### {title}\n")
+    end = min((i for i in (text.find("\n#", start + 4),) if i != -1), default=len(text))
+    return text[start:end]
+
+
+def _common_parser():
+    import argparse
+
+    from jaxmed.training import add_training_args
+
+    return add_training_args(argparse.ArgumentParser(), workdir="w", steps=1, batch_size=1)
 
 
 def assert_resumed(job: Job, workdir: pathlib.Path, saved_step: int, steps: int) -> None:

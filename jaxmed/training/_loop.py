@@ -7,7 +7,6 @@ the loop (step, delayed metric fetch, evaluation, checkpoint, preemption).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -17,8 +16,14 @@ from jax.sharding import Mesh
 
 from jaxmed.training._checkpoint import Checkpoints
 from jaxmed.training._logging import MetricsLog
-from jaxmed.training._mesh import (batch_sharding, fetch, make_mesh, replicate,
-                                   replicated_sharding, shard_batch)
+from jaxmed.training._mesh import (
+    batch_sharding,
+    fetch,
+    make_mesh,
+    replicate,
+    replicated_sharding,
+    shard_batch,
+)
 from jaxmed.training._preemption import PreemptionWatcher
 
 TrainStep = Callable[[Any, Any], tuple[Any, Mapping[str, jax.Array]]]
@@ -310,35 +315,3 @@ def _jsonable(position):
     if isinstance(position, bytes):
         return {"data_loader_state": position.decode()}
     return position
-
-
-@functools.cache
-def _compiled_eval(eval_step: Callable, mesh: Mesh):
-    replicated = replicated_sharding(mesh)
-    return jax.jit(eval_step, in_shardings=(replicated, batch_sharding(mesh)),
-                   out_shardings=replicated)
-
-
-def evaluate(eval_step: Callable[[Any, Any], Mapping[str, jax.Array]], state: Any,
-             batches: Iterable, mesh: Mesh) -> dict[str, float]:
-    """Mean of per-batch metrics over one pass of `batches`.
-
-    **Arguments:**
-
-    - `eval_step`: `(state, batch) -> {name: scalar}`, pure; jitted here with
-      the batch split over `mesh`.
-    - `state`: replicated train state.
-    - `batches`: host-local batches of a finite grain dataset
-      (`make_batches(..., num_epochs=1, shuffle=False)`); all equally sized.
-
-    **Returns:** `{name: float}`, each metric averaged over batches.
-    """
-    step = _compiled_eval(eval_step, mesh)
-    totals, count = None, 0
-    for local_batch in batches:
-        metrics = step(state, shard_batch(local_batch, mesh))
-        totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-        count += 1
-    if count == 0:
-        raise ValueError("evaluate got no batches (dataset smaller than one batch?)")
-    return {k: float(v) / count for k, v in fetch(totals).items()}

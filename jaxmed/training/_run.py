@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,69 @@ from jaxmed.training._checkpoint import Checkpoints
 CONFIG_NAME = "config.json"
 
 
-def write_run_config(workdir: str | os.PathLike, config: dict[str, Any]) -> None:
-    """Write `workdir/config.json` atomically, from process 0 only."""
+class ConfigMismatch(InputDataError):
+    """A resumed run was started with options that differ from those its checkpoints were
+    trained with. Programs exit with status 2 (a usage error), as argparse does."""
+
+
+def prepare_run_config(workdir: str | os.PathLike, config: dict[str, Any], *,
+                       resumable: Iterable[str] = ()) -> dict[str, Any]:
+    """Write `workdir/config.json` for a run that is starting or resuming, keeping it consistent
+    with the run's checkpoints.
+
+    A work directory without checkpoints gets `config` (a previous configuration there
+    belonged to nothing that was kept). A work directory with checkpoints is being resumed:
+    every key of `config` not in `resumable` must equal the saved value, else
+    `ConfigMismatch` lists each differing option with both values and nothing is written;
+    changed `resumable` values (e.g. `steps`) are written, and each change is recorded under
+    `"resumed"` with the step it applied from. Only process 0 writes (atomically); every
+    process checks.
+
+    **Returns:** the configuration now in `config.json`.
+    """
+    path = Path(workdir) / CONFIG_NAME
+    resumed_at = _latest_checkpoint(workdir)
+    if resumed_at is None or not path.is_file():
+        _write_json(path, config)
+        return config
+    saved = read_run_config(workdir, "this program")
+    resumable = set(resumable) | {"resumed"}
+    fixed = sorted(k for k in set(config) | set(saved)
+                   if k not in resumable and config.get(k) != saved.get(k))
+    if fixed:
+        lines = "; ".join(f"{_flag(k)}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+                          for k in fixed)
+        raise ConfigMismatch(
+            f"{workdir} holds checkpoints trained with other options ({lines}). Rerun with "
+            f"the saved options to resume, or use a new --workdir.")
+    changed = {k: [saved.get(k), v] for k, v in config.items()
+               if k in resumable and saved.get(k) != v}
+    if not changed:
+        return saved
+    history = [*saved.get("resumed", []), {"step": resumed_at, "changed": changed}]
+    updated = {**saved, **config, "resumed": history}
+    _write_json(path, updated)
+    return updated
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _latest_checkpoint(workdir: str | os.PathLike) -> int | None:
+    checkpoints = Checkpoints(str(workdir), keep=1)
+    try:
+        return checkpoints.latest_step()
+    finally:
+        checkpoints.close()
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
     if jax.process_index() != 0:
         return
-    path = Path(workdir) / CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(config, indent=2))
+    temporary.write_text(json.dumps(values, indent=2))
     os.replace(temporary, path)
 
 
@@ -68,6 +123,35 @@ def restore_trained(workdir: str | os.PathLike, init_state: Callable[[], Any], *
         raise InputDataError(f"{workdir}: no checkpoint to use (train first)")
     finally:
         checkpoints.close()
+
+
+class TrainedRun(NamedTuple):
+    """What `load_run` returns: the system built from the run's configuration, its trained
+    state (on the first local device) and the configuration dict of `config.json`."""
+
+    system: Any
+    state: Any
+    config: dict[str, Any]
+
+
+def load_run(workdir: str | os.PathLike, build: Callable[[dict[str, Any]], Any], *,
+             program: str, which: str = "best") -> TrainedRun:
+    """A trained run, for an apply / localize / predict command or a warm start.
+
+    **Arguments:**
+
+    - `workdir`: the run's work directory.
+    - `build`: `config dict -> system`; the system's `init_state()` builds a state of the
+      run's structure (only traced).
+    - `program`: the training program, named in the error when `workdir` is not its run.
+    - `which`: `'best'` (falling back to the latest checkpoint) or `'latest'`.
+    """
+    config = read_run_config(workdir, program)
+    system = build(config)
+    state = restore_trained(workdir, system.init_state, which=which,
+                            best_metric=config.get("best_metric"),
+                            best_mode=config.get("best_mode", "max"))
+    return TrainedRun(system, state, config)
 
 
 def transfer_matching(target: Any, source: Any, *, source_name: str = "source"
