@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from jaxmed.data.images import list_images, read_image, write_image
-from jaxmed.data.nifti import stratified_split
+from jaxmed.data.split import train_val_split as split_indices
 from jaxmed.errors import InputDataError
 
 BOXES_CSV = "boxes.csv"
@@ -106,7 +106,8 @@ def train_val_split(
 
     **Returns:** `(train, val)`.
     """
-    train_idx, val_idx = stratified_split(dataset.labels, val_fraction, seed)
+    train_idx, val_idx = split_indices(len(dataset.labels), val_fraction, seed,
+                                       labels=dataset.labels)
     return dataset.subset(train_idx), dataset.subset(val_idx)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmed.data import nifti
+from jaxmed.data.transforms import crop_back, pad_to_multiple
 from jaxmed.errors import InputDataError
 from jaxmed.mapping_gan.figures import key_feature_figure
 from jaxmed.mapping_gan.steps import MappingGan, build_mapping_gan
@@ -50,8 +51,8 @@ def apply_to_files(workdir: str, inputs: Sequence[str], output: str, which: str 
     for path in inputs:
         volume = nifti.read_normalised(path, config["normalisation"], tuple(config["percentiles"]))
         x = _prepared(volume, config, path)
-        padded, crop = nifti.pad_to_multiple(x, gan.generator.total_downsampling)
-        m = nifti.crop_back(np.asarray(generator(state, jnp.asarray(padded[None]))[0], np.float32), crop)
+        padded, crop = pad_to_multiple(x, gan.generator.total_downsampling)
+        m = crop_back(np.asarray(generator(state, jnp.asarray(padded[None]))[0], np.float32), crop)
         y = x + m
         if config["spatial_dims"] == 2:  # back to the file's (X, Y, 1, C) layout
             m, y = m[:, :, None], y[:, :, None]

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 
 from jaxmed.data import nifti
+from jaxmed.data.split import train_val_split
+from jaxmed.data.transforms import pad_to_multiple
 from jaxmed.errors import InputDataError
 
 
@@ -39,7 +41,7 @@ class Split:
 class Study:
     """Train and validation splits plus what is needed to write maps back.
 
-    `crop` undoes the padding (`nifti.crop_back`); `spatial_dims` is 2 when the files are
+    `crop` undoes the padding (`jaxmed.data.transforms.crop_back`); `spatial_dims` is 2 when the files are
     single-slice (Z = 1) volumes, which are then handled as 2-D images `(X, Y, C)`.
     """
 
@@ -82,7 +84,7 @@ def load_study(subjects: Sequence[nifti.Subject], *, downsampling: int, val_frac
     if effects is not None:
         effects, _ = _pad(effects, downsampling, mode="constant")
     labels = np.array([s.label for s in subjects], np.int32)
-    train_idx, val_idx = nifti.stratified_split(labels, val_fraction, seed)
+    train_idx, val_idx = train_val_split(len(labels), val_fraction, seed, labels=labels)
 
     def split(idx):
         return Split(padded[idx], labels[idx], None if effects is None else effects[idx],
@@ -114,7 +116,7 @@ def _effects(subjects: Sequence[nifti.Subject], spatial_dims: int) -> np.ndarray
 
 
 def _pad(batch: np.ndarray, multiple: int, mode: str = "edge") -> tuple[np.ndarray, tuple[slice, ...]]:
-    padded, crop = nifti.pad_to_multiple(batch, multiple, spatial_axes=range(1, batch.ndim - 1), mode=mode)
+    padded, crop = pad_to_multiple(batch, multiple, spatial_axes=range(1, batch.ndim - 1), mode=mode)
     return padded, crop[1:-1]  # spatial axes only
 
 

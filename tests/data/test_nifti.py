@@ -1,6 +1,5 @@
 """NIfTI data layer: every bad input names its file; real files read; maps round-trip."""
 
-import gzip
 import os
 from pathlib import Path
 
@@ -282,47 +281,3 @@ def test_check_shapes(tmp_path):
     _raises_naming(folder / "d.nii.gz", "differs", nifti.check_shapes, bad_channels)
     bad_effect = [nifti.Subject(folder / "a.nii.gz", 1, folder / "c.nii.gz")]
     _raises_naming(folder / "c.nii.gz", "does not fit", nifti.check_shapes, bad_effect)
-
-
-# ---------------------------------------------------------------------------- split, pad
-
-
-def test_stratified_split_proportions_and_determinism():
-    labels = np.array([1] * 50 + [0] * 30)
-    np.random.default_rng(3).shuffle(labels)
-    train, val = nifti.stratified_split(labels, 0.2, seed=7)
-    assert np.intersect1d(train, val).size == 0
-    np.testing.assert_array_equal(np.sort(np.concatenate([train, val])), np.arange(80))
-    assert (labels[val] == 1).sum() == 10 and (labels[val] == 0).sum() == 6
-    again = nifti.stratified_split(labels, 0.2, seed=7)
-    np.testing.assert_array_equal(again[1], val)
-    other = nifti.stratified_split(labels, 0.2, seed=8)
-    assert not np.array_equal(other[1], val)
-
-
-def test_stratified_split_small_groups():
-    train, val = nifti.stratified_split([1, 1, 0, 0, 0, 2], 0.2, seed=0)
-    labels = np.array([1, 1, 0, 0, 0, 2])
-    for group in (0, 1):
-        assert group in labels[train] and group in labels[val]
-    assert 2 in labels[train] and 2 not in labels[val]
-    train, val = nifti.stratified_split([0, 1, 0, 1], 0.0)
-    assert val.size == 0 and train.size == 4
-
-
-@pytest.mark.parametrize(
-    "shape, multiple", [((5, 7, 9, 2), 4), ((3, 8, 1, 1), (2, 8, 4)), ((17, 11, 13, 3), 8)]
-)
-def test_pad_crop_round_trip(shape, multiple):
-    x = _noise(shape)
-    padded, slices = nifti.pad_to_multiple(x, multiple)
-    multiples = (multiple,) * 3 if isinstance(multiple, int) else multiple
-    for axis, m in enumerate(multiples):
-        n, p = shape[axis], padded.shape[axis]
-        assert p % m == 0 and n <= p < n + m
-        before, after = slices[axis].start, p - slices[axis].stop
-        assert before == (p - n) // 2 and after - before in (0, 1)
-    assert padded.shape[3] == shape[3]
-    np.testing.assert_array_equal(nifti.crop_back(padded, slices), x)
-    batch = np.stack([padded, padded + 1])
-    np.testing.assert_array_equal(nifti.crop_back(batch, slices), np.stack([x, x + 1]))
