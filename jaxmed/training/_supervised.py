@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,3 +78,41 @@ def warmup_cosine_adamw(learning_rate: float, weight_decay: float, steps: int,
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps=min(warmup_steps, steps - 1), decay_steps=max(steps, 2))
     return optax.adamw(schedule, weight_decay=weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedSystem:
+    """A network trained with one loss and one optimiser on uint8 images: what the
+    segmentation and localisation systems share. A subclass defines `loss` and `eval_step`.
+
+    - `model`: a Linen module taking `(x, train=...)` and returning a dict of outputs.
+    - `tx`: its optimiser.
+    - `image_size`: the square input size; inputs are `[B, S, S, 3]` uint8 images under the
+      batch key `'image'`, mapped to [-1, 1] on the device (`images_to_unit_range`).
+    - `seed`: seed of the initialisation and of the step keys.
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    image_size: int
+    seed: int
+
+    def init_state(self) -> TrainState:
+        """The step-0 state (parameters, BatchNorm statistics, optimiser state)."""
+        example = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        return init_supervised_state(self.model, self.tx, example, self.seed)
+
+    def loss(self, outputs, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`(model outputs, batch) -> (scalar loss, {name: scalar})`."""
+        raise NotImplementedError
+
+    @property
+    def train_step(self):
+        """`(state, batch) -> (state, metrics)` for `fit`."""
+        return supervised_train_step(self.model, self.tx, self.loss, input_key="image",
+                                     preprocess=images_to_unit_range)
+
+    def outputs(self, state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
+        """The model's outputs in inference mode for uint8 images `[B, S, S, 3]`."""
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return self.model.apply(variables, images_to_unit_range(images), train=False)
