@@ -13,6 +13,7 @@ TensorBoard. The defaults finish in well under a minute on two CPU cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -28,32 +29,33 @@ IMAGE_SIZE = 16
 NUM_CLASSES = 4
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.smoke", description=__doc__.split("\n\n")[0])
     training.add_training_args(parser, workdir="runs/smoke", steps=300,
                                batch_size=32, log_every=25, checkpoint_every=100,
                                eval_every=100, keep=2)
     model = parser.add_argument_group("smoke model and data")
-    model.add_argument("--learning-rate", type=float, default=3e-3,
+    model.add_argument("--learning-rate", type=training.positive, default=3e-3,
                        help="Adam step size (default: %(default)s)")
-    model.add_argument("--num-train", type=int, default=2048,
+    model.add_argument("--num-train", type=training.positive_int, default=2048,
                        help="synthetic training images (default: %(default)s)")
-    model.add_argument("--num-val", type=int, default=256,
+    model.add_argument("--num-val", type=training.positive_int, default=256,
                        help="synthetic validation images (default: %(default)s)")
-    model.add_argument("--load-delay", type=float, default=0.0,
+    model.add_argument("--load-delay", type=training.non_negative, default=0.0,
                        help="seconds of simulated I/O per example; tests use it "
                        "to make steps slow enough to interrupt (default: %(default)s)")
     model.add_argument("--save-params", default=None,
                        help="write the final params and batch statistics to this "
                        ".npz (default: none)")
-    return parser.parse_args(argv)
+    return parser
 
 
 # ---------------------------------------------------------------- data ---
 
 def synthetic_bars(n: int, seed: int) -> training.ArraySource:
-    """`n` noisy 16x16 images, `images [n, 16, 16, 1]` float32, `labels [n]`."""
+    """`n` noisy 16x16 images, `image [n, 16, 16, 1]` float32, `label [n]` (the batch keys of
+    every supervised program)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, NUM_CLASSES, n)
     images = rng.normal(0.0, 0.3, (n, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
@@ -70,7 +72,7 @@ def synthetic_bars(n: int, seed: int) -> training.ArraySource:
         else:
             mask[r - 2:r + 2, c - 2:c + 2] = True    # square
         images[i][mask] += 1.0
-    return training.ArraySource(images=images[..., None], labels=labels.astype(np.int32))
+    return training.ArraySource(image=images[..., None], label=labels.astype(np.int32))
 
 
 class SlowSource:
@@ -90,7 +92,7 @@ class SlowSource:
 def random_shift(example, rng: np.random.Generator):
     """Augmentation: roll the image by up to 2 pixels on each axis."""
     shift = rng.integers(-2, 3, size=2)
-    return {**example, "images": np.roll(example["images"], tuple(shift), axis=(0, 1))}
+    return {**example, "image": np.roll(example["image"], tuple(shift), axis=(0, 1))}
 
 
 # --------------------------------------------------------------- model ---
@@ -115,40 +117,42 @@ class SmallCNN(nn.Module):
 
 def make_init_state(model: nn.Module, tx: optax.GradientTransformation, seed: int):
     def init_state() -> training.TrainState:
-        rng = jax.random.PRNGKey(seed)
-        variables = model.init(rng, jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1)))
-        return training.TrainState.create(params=variables["params"], tx=tx,
-                                          batch_stats=variables["batch_stats"],
-                                          rng=jax.random.fold_in(rng, 1))
+        example = jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 1))
+        return training.init_supervised_state(model, tx, example, seed)
     return init_state
 
 
 # --------------------------------------------------------- update step ---
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation):
-    def train_step(state: training.TrainState, batch):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["images"],
-                train=True, rngs={"dropout": state.step_key()}, mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-            return loss.mean(), (logits, updates["batch_stats"])
-
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        state = state.apply_gradients(tx, grads).replace(batch_stats=stats)
-        accuracy = (logits.argmax(-1) == batch["labels"]).mean()
-        return state, {"loss": loss, "accuracy": accuracy}
-    return train_step
+def classification_loss(logits, batch):
+    """Softmax cross-entropy and accuracy: the `loss_fn` of the shared supervised step."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
 
 
-def make_eval_fn(model: nn.Module, val_batches, mesh):
+@functools.cache
+def make_eval_step(model: nn.Module):
+    """`(state, batch) -> per-example loss and correctness`, for `training.evaluate`."""
     def eval_step(state, batch):
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                             batch["images"])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        return {"val_loss": loss.mean(),
-                "val_accuracy": (logits.argmax(-1) == batch["labels"]).mean()}
-    return lambda state: training.evaluate(eval_step, state, val_batches, mesh)
+                             batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {"loss": loss, "correct": logits.argmax(-1) == batch["label"]}
+    return eval_step
+
+
+def make_eval_fn(model: nn.Module, source: training.ArraySource, batch_size: int, mesh):
+    """`state -> {'val_loss', 'val_accuracy'}` over every validation image, each host
+    evaluating its own share."""
+    share = training.host_share(len(source))
+    local = {k: v[share] for k, v in source.arrays.items()}
+
+    def evaluate(state):
+        outputs = training.evaluate(make_eval_step(model), state, local, count=len(source),
+                                    batch_size=batch_size, mesh=mesh)
+        return {"val_loss": float(outputs["loss"].mean()),
+                "val_accuracy": float(outputs["correct"].mean())}
+    return evaluate
 
 
 # ---------------------------------------------------------------- main ---
@@ -162,22 +166,23 @@ def save_params(path: str, state: training.TrainState) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    training.init_distributed(args)
+    training.program_main(argv, build_parser=build_parser, train=train, commands={})
+
+
+def train(args: argparse.Namespace) -> None:
     mesh = training.make_mesh()
     train_source = synthetic_bars(args.num_train, seed=args.seed)
     if args.load_delay:
         train_source = SlowSource(train_source, args.load_delay)
     train_batches = training.make_batches(train_source, args.batch_size, seed=args.seed,
                                           transform=random_shift)
-    val_batches = training.make_batches(synthetic_bars(args.num_val, seed=args.seed + 1),
-                                        args.batch_size, seed=args.seed, shuffle=False,
-                                        num_epochs=1)
+    val_source = synthetic_bars(args.num_val, seed=args.seed + 1)
     model, tx = SmallCNN(), optax.adam(args.learning_rate)
     result = training.fit(
         init_state=make_init_state(model, tx, args.seed),
-        train_step=make_train_step(model, tx), train_data=train_batches,
-        eval_fn=make_eval_fn(model, val_batches, mesh), best_metric="val_loss",
+        train_step=training.supervised_train_step(model, tx, classification_loss),
+        train_data=train_batches,
+        eval_fn=make_eval_fn(model, val_source, args.batch_size, mesh), best_metric="val_loss",
         best_mode="min",
         mesh=mesh, **training.fit_options(args))
     if args.save_params:

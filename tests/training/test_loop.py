@@ -1,7 +1,6 @@
 """`fit` in-process on a toy regression: resume, NaN stop, SIGTERM, logs."""
 
 import functools
-import json
 import os
 import shutil
 import signal
@@ -13,8 +12,17 @@ import optax
 import pytest
 
 from jaxmed import training
-from jaxmed.training import (ArraySource, Checkpoints, Preempted, TrainState,
-                             TrainingDiverged, evaluate, fit, make_batches, make_mesh)
+from jaxmed.training import (
+    ArraySource,
+    Checkpoints,
+    Preempted,
+    TrainingDiverged,
+    TrainState,
+    evaluate,
+    fit,
+    make_batches,
+    make_mesh,
+)
 
 TX = optax.adam(0.05)
 TRUE_W = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
@@ -43,10 +51,14 @@ def _train_step(state, batch, nan_at=None):
     return state.apply_gradients(TX, grads), {"loss": loss}
 
 
+def _squared_errors(state, batch):
+    return {"error": (batch["x"] @ state.params["w"] + state.params["b"] - batch["y"]) ** 2}
+
+
 def _eval_fn(mesh):
-    batches = make_batches(_source(), 8, seed=0, shuffle=False, num_epochs=1)
-    eval_step = lambda state, batch: {"val_loss": _loss(state.params, batch)}
-    return lambda state: evaluate(eval_step, state, batches, mesh)
+    arrays = _source().arrays
+    return lambda state: {"val_loss": float(evaluate(
+        _squared_errors, state, arrays, count=64, batch_size=8, mesh=mesh)["error"].mean())}
 
 
 def _fit(workdir, num_steps, nan_at=None, source=None, **kwargs):

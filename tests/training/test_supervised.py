@@ -8,8 +8,14 @@ import optax
 import pytest
 
 from jaxmed.errors import InputDataError
-from jaxmed.training import (Checkpoints, TrainState, read_run_config, restore_trained,
-                             supervised_train_step, write_run_config)
+from jaxmed.training import (
+    Checkpoints,
+    TrainState,
+    prepare_run_config,
+    read_run_config,
+    restore_trained,
+    supervised_train_step,
+)
 
 
 class _Net(nn.Module):
@@ -58,7 +64,7 @@ def test_step_learns_updates_batch_stats_and_is_deterministic_per_step():
 
 def test_run_config_round_trip_and_restore(tmp_path):
     model, tx, state, _ = _setup()
-    write_run_config(tmp_path, {"seed": 3, "widths": [1, 2]})
+    prepare_run_config(tmp_path, {"seed": 3, "widths": [1, 2]})
     assert read_run_config(tmp_path, "prog") == {"seed": 3, "widths": [1, 2]}
     with pytest.raises(InputDataError, match="config.json"):
         read_run_config(tmp_path / "other", "prog")
