@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmark scripts: compile time apart, median of repeats after warm-up."""
+"""Timing helpers shared by the benchmark scripts: compile time apart, median of repeats after
+warm-up."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class Timing:
 
 
 def time_jitted(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10) -> Timing:
-    """Compiles `jax.jit(fn)` for `args` (timed separately), then times calls to the compiled function.
+    """Compiles `jax.jit(fn)` for `args` (timed separately), then times calls to the compiled
+    function.
 
     Every call is followed by `jax.block_until_ready`, so the time covers the device work.
     """

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -46,20 +46,24 @@ def build_cases(args: argparse.Namespace, dtype: Any) -> list[Case]:
     dense_in = args.dense_features
     dense_modes = _two_modes(dense_in)
     common = dict(dtype=dtype)
+    up = (2,) * args.dims
+
+    def tt_conv(**kwargs):
+        return L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel, **kwargs, **common)
+
     return [
         Case("Dense", nn.Dense(dense_in, **common), (b * 16, dense_in)),
-        Case(f"TTDense r={args.rank}", L.TTDense(dense_modes, dense_modes, ranks=args.rank, **common),
+        Case(f"TTDense r={args.rank}",
+             L.TTDense(dense_modes, dense_modes, ranks=args.rank, **common),
              (b * 16, dense_in), "Dense"),
         Case("Conv", nn.Conv(c, kernel, **common), fmap),
         Case("Conv (jaxmed)", L.Conv(c, kernel, **common), fmap, "Conv"),
-        Case("ConvTranspose 2x", nn.ConvTranspose(c, (2,) * args.dims, strides=(2,) * args.dims, **common), fmap),
-        Case("BlockConvTranspose 2x", L.BlockConvTranspose(c, (2,) * args.dims, **common), fmap, "ConvTranspose 2x"),
-        Case(f"TTConv r={args.rank} cores", L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel,
-                                                     forward="cores", **common), fmap, "Conv"),
-        Case(f"TTConv r={args.rank} kernel", L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel,
-                                                      forward="kernel", **common), fmap, "Conv"),
-        Case(f"TTConv r={args.rank} auto", L.TTConv(modes, modes, ranks=args.rank, kernel_size=kernel,
-                                                    **common), fmap, "Conv"),
+        Case("ConvTranspose 2x", nn.ConvTranspose(c, up, strides=up, **common), fmap),
+        Case("BlockConvTranspose 2x", L.BlockConvTranspose(c, up, **common), fmap,
+             "ConvTranspose 2x"),
+        Case(f"TTConv r={args.rank} cores", tt_conv(forward="cores"), fmap, "Conv"),
+        Case(f"TTConv r={args.rank} kernel", tt_conv(forward="kernel"), fmap, "Conv"),
+        Case(f"TTConv r={args.rank} auto", tt_conv(), fmap, "Conv"),
         Case("SecondOrderPooling d=32", L.SecondOrderPooling(reduced_channels=32, **common), fmap),
         Case("ChannelAttention", L.ChannelAttention(reduction=16, **common), fmap),
         Case("SpatialAttention", L.SpatialAttention(kernel_size=7, **common), fmap),
@@ -106,9 +110,12 @@ def measure(case: Case, dtype: Any, warmup: int, repeats: int) -> dict[str, Any]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="spatial dimensions of the inputs")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="computation dtype")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                        help="spatial dimensions of the inputs")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="computation dtype")
     parser.add_argument("--batch", type=int, default=8, help="batch size")
     parser.add_argument("--size", type=int, default=None,
                         help="spatial size per axis (default 32 in 2-D, 16 in 3-D)")
@@ -117,8 +124,10 @@ def main() -> None:
                         help="input = output features of the Dense / TTDense pair")
     parser.add_argument("--rank", type=int, default=8, help="tensor-train rank of the TT layers")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
-    parser.add_argument("--only", default="", help="comma-separated substrings: run only matching cases")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="timed calls; the median is reported")
+    parser.add_argument("--only", default="",
+                        help="comma-separated substrings: run only matching cases")
     args = parser.parse_args()
     if args.size is None:
         args.size = 32 if args.dims == 2 else 16
@@ -138,7 +147,8 @@ def main() -> None:
         ref = results.get(c.dense_reference) if c.dense_reference else None
         rows.append([
             c.name, "x".join(map(str, c.input_shape)), r["params"],
-            r["fwd"].median_s * 1e3, r["bwd"].median_s * 1e3, r["fwd"].compile_s + r["bwd"].compile_s,
+            r["fwd"].median_s * 1e3, r["bwd"].median_s * 1e3,
+            r["fwd"].compile_s + r["bwd"].compile_s,
             r["fwd"].median_s / ref["fwd"].median_s if ref else "",
             r["bwd"].median_s / ref["bwd"].median_s if ref else "",
             r["params"] / ref["params"] if ref else "",

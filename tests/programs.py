@@ -34,7 +34,8 @@ def session_folder(tmp_path_factory, name: str) -> pathlib.Path:
 # Runs a command and then writes its exit status to a file (atomically), so that any pytest
 # process, including another xdist worker, can wait for it.
 _WRAPPER = ("import os, subprocess, sys; code = subprocess.call(sys.argv[2:]); "
-            "open(sys.argv[1] + '.tmp', 'w').write(str(code)); os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
+            "open(sys.argv[1] + '.tmp', 'w').write(str(code)); "
+            "os.replace(sys.argv[1] + '.tmp', sys.argv[1])")
 
 
 class Job:
@@ -42,13 +43,15 @@ class Job:
 
     def __init__(self, folder: pathlib.Path, name: str):
         self.name, self.proc = name, None
-        self.files = {kind: folder / f"{name}.{kind}" for kind in ("args", "stdout", "stderr", "status")}
+        self.files = {kind: folder / f"{name}.{kind}"
+                      for kind in ("args", "stdout", "stderr", "status")}
 
     def start(self, args: list[str], env: dict) -> None:
         self.files["args"].write_text(json.dumps(args))
         with open(self.files["stdout"], "w") as out, open(self.files["stderr"], "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(self.files["status"]), *args],
-                                         cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+            command = [sys.executable, "-c", _WRAPPER, str(self.files["status"]), *args]
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err,
+                                         start_new_session=True)
 
     def result(self) -> subprocess.CompletedProcess:
         deadline = time.monotonic() + TIMEOUT
@@ -57,12 +60,13 @@ class Job:
             time.sleep(0.2)
         return subprocess.CompletedProcess(json.loads(self.files["args"].read_text()),
                                            int(self.files["status"].read_text()),
-                                           self.files["stdout"].read_text(), self.files["stderr"].read_text())
+                                           self.files["stdout"].read_text(),
+                                           self.files["stderr"].read_text())
 
     def ok(self) -> subprocess.CompletedProcess:
         done = self.result()
-        assert done.returncode == 0, (f"{self.name}: {' '.join(done.args)}\n--- stdout\n{done.stdout[-3000:]}"
-                                      f"\n--- stderr\n{done.stderr[-5000:]}")
+        assert done.returncode == 0, (f"{self.name}: {' '.join(done.args)}\n--- stdout\n"
+                                      f"{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}")
         return done
 
     def finish(self) -> None:
@@ -98,7 +102,8 @@ def program_env(cache_dir: pathlib.Path, devices: int = 1) -> dict:
 
 
 def metrics_rows(workdir: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def snapshot(folder: pathlib.Path) -> list[tuple]:
@@ -145,7 +150,10 @@ def checkpoint_arrays(workdir: pathlib.Path, kind: str = "checkpoints") -> dict:
         if isinstance(node, dict):
             for k, v in node.items():
                 yield from walk(v, f"{prefix}/{k}" if prefix else str(k))
-        else:
+        elif isinstance(node, list | tuple | np.ndarray) and np.asarray(node).dtype == object:
+            for i, v in enumerate(node):  # e.g. optax's chained states
+                yield from walk(v, f"{prefix}/{i}")
+        elif node is not None:  # None: an empty optimiser state
             yield prefix, np.asarray(node)
 
     return dict(walk(tree))

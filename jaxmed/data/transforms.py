@@ -32,7 +32,10 @@ def pad_to_multiple(
     the same shape, back to the shape of `x` with `crop_back`.
     """
     x = np.asarray(x)
-    axes = tuple(range(x.ndim - 1)) if spatial_axes is None else tuple(a % x.ndim for a in spatial_axes)
+    if spatial_axes is None:
+        axes = tuple(range(x.ndim - 1))
+    else:
+        axes = tuple(a % x.ndim for a in spatial_axes)
     multiples = (multiple,) * len(axes) if isinstance(multiple, int) else tuple(multiple)
     if len(multiples) != len(axes) or min(multiples) < 1:
         raise ValueError(f"need one positive multiple per spatial axis {axes}, got {multiple}")

@@ -9,8 +9,16 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmed.training import (TrainState, add_training_args, fetch, fit_options,
-                             init_distributed, make_mesh, replicate, shard_batch)
+from jaxmed.training import (
+    TrainState,
+    add_training_args,
+    fetch,
+    fit_options,
+    init_distributed,
+    make_mesh,
+    replicate,
+    shard_batch,
+)
 from jaxmed.training._mesh import _processes_contiguous
 
 

@@ -48,7 +48,8 @@ def test_step_learns_updates_batch_stats_and_is_deterministic_per_step():
     first, metrics = step(state, batch)
     again, _ = step(state, batch)
     # Same state and step: the same dropout mask, so the same update.
-    np.testing.assert_array_equal(first.params["Dense_0"]["kernel"], again.params["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(first.params["Dense_0"]["kernel"],
+                                  again.params["Dense_0"]["kernel"])
     assert not np.allclose(first.batch_stats["BatchNorm_0"]["mean"],
                            state.batch_stats["BatchNorm_0"]["mean"])
     assert {"loss", "accuracy", "grad_norm"} <= set(metrics)
@@ -79,4 +80,5 @@ def test_run_config_round_trip_and_restore(tmp_path):
     latest = restore_trained(tmp_path, lambda: state, which="latest")
     best = restore_trained(tmp_path, lambda: state, which="best", best_metric="acc")
     assert int(latest.step) == 7 and int(best.step) == 0
-    np.testing.assert_array_equal(best.params["Dense_1"]["kernel"], state.params["Dense_1"]["kernel"])
+    np.testing.assert_array_equal(best.params["Dense_1"]["kernel"],
+                                  state.params["Dense_1"]["kernel"])
