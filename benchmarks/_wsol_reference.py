@@ -20,12 +20,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from jaxmed.metrics._wsol import MaxBoxAcc
+from jaxmed.metrics import MaxBoxAcc
 
 
 def _normalize(cam: np.ndarray) -> np.ndarray:
     cam = np.array(cam, dtype=np.float64)
-    if not np.isfinite(cam).all() or cam.min() == cam.max():  # the protocol fails on inf; we zero it
+    # The protocol fails on inf; we zero it.
+    if not np.isfinite(cam).all() or cam.min() == cam.max():
         return np.zeros_like(cam)
     cam -= cam.min()
     cam /= cam.max()
@@ -50,9 +51,9 @@ def _boxes_at(image: np.ndarray, threshold: float, multi_contour: bool) -> np.nd
 def _iou(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """(a, b) IoU on inclusive pixel coordinates."""
     a, b = boxes[:, None, :], gt[None, :, :]
-    inter = np.maximum(0, np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1) * np.maximum(
-        0, np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1
-    )
+    inter_x = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1
+    inter_y = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1
+    inter = np.maximum(0, inter_x) * np.maximum(0, inter_y)
     area_a = (a[..., 2] - a[..., 0] + 1) * (a[..., 3] - a[..., 1] + 1)
     area_b = (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)
     union = area_a + area_b - inter
@@ -63,7 +64,9 @@ def _iou(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def _gt_list(gt_boxes: Any, n: int) -> list[np.ndarray]:
-    rows = [np.asarray(b).reshape(-1, 4) for b in (gt_boxes if isinstance(gt_boxes, (list, tuple)) else np.asarray(gt_boxes).reshape(n, -1, 4))]
+    if not isinstance(gt_boxes, (list, tuple)):
+        gt_boxes = np.asarray(gt_boxes).reshape(n, -1, 4)
+    rows = [np.asarray(b).reshape(-1, 4) for b in gt_boxes]
     return [b[~(b == -1).all(axis=1)] for b in rows]
 
 
@@ -95,15 +98,15 @@ def reference_max_box_acc(
     cam_curve_interval: float = 0.001,
     multi_contour: bool = False,
 ) -> MaxBoxAcc:
-    """Same signature and result type as `jaxmed.metrics._wsol.max_box_acc`."""
-    hits = reference_box_hits(
-        cams, gt_boxes, iou_thresholds=iou_thresholds, cam_curve_interval=cam_curve_interval, multi_contour=multi_contour
-    )
+    """Same signature and result type as `jaxmed.metrics.max_box_acc`."""
+    hits = reference_box_hits(cams, gt_boxes, iou_thresholds=iou_thresholds,
+                              cam_curve_interval=cam_curve_interval, multi_contour=multi_contour)
     thresholds = np.arange(0, 1, cam_curve_interval)
     curve = hits * 100.0 / float(len(cams))
     return MaxBoxAcc(
         accuracy={float(d): float(curve[i].max()) for i, d in enumerate(iou_thresholds)},
-        best_threshold={float(d): float(thresholds[curve[i].argmax()]) for i, d in enumerate(iou_thresholds)},
+        best_threshold={float(d): float(thresholds[curve[i].argmax()])
+                        for i, d in enumerate(iou_thresholds)},
         curve=curve,
         thresholds=thresholds,
         num_images=len(cams),

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks._timing import print_table
 from benchmarks._wsol_reference import reference_max_box_acc
-from jaxmed.metrics._wsol import max_box_acc
+from jaxmed.metrics import max_box_acc
 
 VERSIONS = {
     "MaxBoxAcc (V1)": dict(multi_contour=False, iou_thresholds=(0.5, 0.7)),
@@ -48,7 +48,8 @@ def blob_cams(n: int, size: int, noise: float, seed: int) -> tuple[np.ndarray, l
         centre = rng.uniform(0, size, (k, 2))
         sigma = rng.uniform(0.04, 0.2, k) * size
         height = rng.uniform(0.3, 1.0, k)
-        gy = np.exp(-((grid[None, :] - centre[:, :1]) ** 2) / (2 * sigma[:, None] ** 2))  # [k, size]
+        # gy, gx: [k, size]
+        gy = np.exp(-((grid[None, :] - centre[:, :1]) ** 2) / (2 * sigma[:, None] ** 2))
         gx = np.exp(-((grid[None, :] - centre[:, 1:]) ** 2) / (2 * sigma[:, None] ** 2))
         cams[i] = np.einsum("k,ky,kx->yx", height, gy, gx)
         cams[i] += noise * rng.standard_normal((size, size)) * cams[i].max()
@@ -67,7 +68,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="number of CAMs")
     parser.add_argument("--size", type=int, default=224, help="CAM height and width")
     parser.add_argument("--noise", type=float, default=0.02, help="pixel noise, × each CAM's peak")
@@ -84,12 +86,16 @@ def main() -> None:
         if not same:
             mismatches.append(name)
         accuracy = ", ".join(f"{d:g}: {a:.2f}" for d, a in ours.accuracy.items())
-        for label, wall, cpu in (("reference (OpenCV)", ref_wall, ref_cpu), ("jaxmed", ours_wall, ours_cpu)):
-            rows.append([name, label, config, wall, cpu, 1e3 * wall / args.n, wall / ref_wall, "yes" if same else "NO", accuracy])
-    print_table(["measurement", "implementation", "configuration", "wall s", "CPU s", "ms/CAM", "time ratio", "identical", "accuracy % by δ"], rows)
+        timings = (("reference (OpenCV)", ref_wall, ref_cpu), ("jaxmed", ours_wall, ours_cpu))
+        for label, wall, cpu in timings:
+            rows.append([name, label, config, wall, cpu, 1e3 * wall / args.n, wall / ref_wall,
+                         "yes" if same else "NO", accuracy])
+    print_table(["measurement", "implementation", "configuration", "wall s", "CPU s", "ms/CAM",
+                 "time ratio", "identical", "accuracy % by δ"], rows)
     if mismatches:
         raise SystemExit(f"results differ from the reference for: {', '.join(mismatches)}")
-    print("identical: curves (% correct per δ and τ), accuracies and best τ equal the reference's exactly")
+    print("identical: curves (% correct per δ and τ), accuracies and best τ equal the "
+          "reference's exactly")
 
 
 if __name__ == "__main__":
