@@ -136,15 +136,23 @@ def start_two_processes(folder: pathlib.Path, name: str, args: list[str], env: d
 def checkpoint_arrays(workdir: pathlib.Path, kind: str = "checkpoints") -> dict:
     """`{'/'-joined path: numpy array}` of the newest checkpoint in `workdir/<kind>` (the
     train state: params, batch_stats, opt_state, ...)."""
+    import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
     steps = sorted((p for p in (workdir / kind).iterdir() if p.name.isdigit()),
                    key=lambda p: int(p.name))
     assert steps, f"no checkpoint in {workdir / kind}"
+    path = steps[-1].resolve() / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    # Onto this process's first device: the saved shardings name the devices of the run, which
+    # a multi-process run's checkpoint has more of than this process.
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # restoring without a target: shardings from file
-        tree = ocp.PyTreeCheckpointer().restore(str(steps[-1].resolve() / "state"))
+        warnings.simplefilter("ignore")  # no _CHECKPOINT_METADATA beside a bare state
+        saved = checkpointer.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), saved)
+        tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
     def walk(node, prefix=""):
         if isinstance(node, dict):
