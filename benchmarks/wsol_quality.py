@@ -7,8 +7,8 @@ WORKDIR/<variant>/seed<k>. For each run the best checkpoint (by validation MaxBo
 program selects it) is scored on the validation split: top-1 accuracy, MaxBoxAcc at IoU 0.5 and
 0.7 (largest contour) and MaxBoxAccV2 (all contours, mean over IoU 0.3/0.5/0.7), all in %.
 The table gives mean ± standard deviation over the seeds, and the difference of the means to
-the CAM baseline in the same run (the seed reports +1.1 and +3.5 points at IoU 0.5 for one and
-two modules on ImageNet-pretrained VGG16).
+the CAM baseline in the same run (the design this system follows reports +1.1 and +3.5 points
+at IoU 0.5 for one and two modules on ImageNet-pretrained VGG16; docs/wsol.md).
 
 The data are the program's synthetic cells, whose most discriminative part is a small inclusion
 while the whole body carries a weaker class cue, a hue tint (`--synthetic-body-tint`, the
@@ -30,7 +30,7 @@ object, over a map that already covers more than the cell; and a module after co
 training from scratch (one seed of three stays at 75 % top-1, two classes merged). Warm-started
 (`--pretrain-steps 400 --steps 400`) every network reaches 99.6-99.9 % top-1, and MaxBoxAcc 0.5
 is 38.1 ± 1.7 (CAM), 18.3 ± 5.6 (one module), 13.1 ± 4.2 (two). Single-seed trials of other
-geometries (`python -m train.wsol`, best checkpoint) agree: at 224×224, the seed's resolution
+geometries (`python -m train.wsol`, best checkpoint) agree: at 224×224, the original resolution
 (14×14 CAM), 400 steps, CAM 57.9 against 38.8 for two modules (its best checkpoint, step
 100 at 83.5 % top-1; 21.3 at step 400, 100 % top-1); at 128×128 with cells of
 semi-axis 0.28-0.38 and tint 16, 400 steps, CAM 75.4, one module 69.0, two 54.4; at 96×96 with
@@ -39,10 +39,10 @@ cells of semi-axis 0.34-0.44 (box 40 % of the image), tint 16, 800 steps, all th
 one of them plain CAM's box at its best threshold is already 1.14-1.5 times the cell's box
 (median), so there is nothing for the modules' spreading to recover.
 
-`--pretrain-steps N` is the seed's regime, which inserts its modules into a pretrained VGG16:
-for each seed a plain CAM network is trained for N steps first (WORKDIR/pretrain/seed<k>), and
-every variant, the CAM baseline included, is then trained from it (`--init-from`) for the
-given steps.
+`--pretrain-steps N` is the original design's regime, which inserts its modules into a
+pretrained VGG16: for each seed a plain CAM network is trained for N steps first
+(WORKDIR/pretrain/seed<k>), and every variant, the CAM baseline included, is then trained from
+it (`--init-from`) for the given steps.
 
 `--resume` makes a long benchmark survive interruptions (at 224×224 it takes hours on a CPU):
 each run's options and, once it has finished, its metrics and time are kept in
@@ -65,6 +65,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import print_table  # noqa: E402
+from jaxmed.wsol.config import WsolConfig  # noqa: E402
 from train import wsol  # noqa: E402
 
 VARIANTS = {
@@ -136,7 +137,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
             _write_record(record, {"options": options})
         start = time.perf_counter()
-        metrics = {k: float(v) for k, v in wsol.train(run).items()}
+        metrics = {k: float(v) for k, v in wsol.train(run, WsolConfig.from_args(run)).items()}
         seconds = None if continuing else time.perf_counter() - start
         _write_record(record, {"options": options, "metrics": metrics, "seconds": seconds})
         return run, metrics, seconds, False

@@ -232,3 +232,22 @@ def assert_resumed(job: Job, workdir: pathlib.Path, saved_step: int, steps: int)
     done = job.ok()
     assert f"Resuming from step {saved_step}" in done.stdout + done.stderr
     assert [r["step"] for r in metrics_rows(workdir)] == list(range(1, steps + 1))
+
+
+def assert_usage_error(done: subprocess.CompletedProcess, text: str) -> str:
+    """A program that stopped on a usage error: exit status 2, no traceback, and `text` in the
+    last line of its stderr (returned)."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert text in message, message
+    return message
+
+
+def assert_runs_match(workdir: pathlib.Path, other: pathlib.Path, metrics: list[str]) -> None:
+    """Two runs (e.g. two processes and one process with as many devices) end with the same
+    train state and logged the same validation `metrics` at the same steps."""
+    assert_same_arrays(checkpoint_arrays(workdir), checkpoint_arrays(other))
+    rows = [[r["step"], *(r[k] for k in metrics)] for r in metrics_rows(workdir) if metrics[0] in r]
+    expected = [[r["step"], *(r[k] for k in metrics)] for r in metrics_rows(other)
+                if metrics[0] in r]
+    assert rows and rows == expected, (rows, expected)

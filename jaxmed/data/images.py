@@ -1,10 +1,14 @@
 """Reading and writing 2-D images (PNG, JPEG, TIFF, BMP) with errors that name the file.
 
-Used by the localisation (SPEC S1) and segmentation (SPEC S4) systems. Pillow does the
-decoding; what it cannot decode, or what is not a single 2-D image, raises `InputDataError`.
+Used by the localisation and segmentation systems (docs/wsol.md, docs/segmentation.md).
+Pillow does the decoding; what it cannot decode, or what is not a single 2-D image, raises
+`InputDataError`. `ImageFiles` reads and resizes images only when they are indexed, so a
+training host decodes only the examples it is given.
 """
 
+import contextlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,24 @@ def read_image(path: str | os.PathLike, *, mode: str = "RGB") -> np.ndarray:
     2-D (several frames), or a colour image where a label map was asked for.
     """
     path = Path(path)
+    with _single_image(path) as image:
+        image.load()
+        return _convert(image, path, mode)
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """`(height, width)` of an image file, from its header (the pixels are not decoded).
+
+    **Raises:** `InputDataError` as `read_image` for a missing, unidentifiable or multi-frame
+    file; damage past the header shows only when the image is read.
+    """
+    with _single_image(Path(path)) as image:
+        return image.height, image.width
+
+
+@contextlib.contextmanager
+def _single_image(path: Path):
+    """The opened single-frame image at `path`; Pillow's errors become `InputDataError`."""
     if not path.is_file():
         raise InputDataError(f"{path}: no such file")
     try:
@@ -51,8 +73,7 @@ def read_image(path: str | os.PathLike, *, mode: str = "RGB") -> np.ndarray:
                 raise InputDataError(
                     f"{path}: has {frames} frames or pages; a single 2-D image is needed"
                 )
-            image.load()
-            return _convert(image, path, mode)
+            yield image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InputDataError(f"{path}: cannot read the image ({error})") from error
 
@@ -95,3 +116,50 @@ def _format(path: Path) -> str:
     suffix = path.suffix.lower()
     return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF",
             ".bmp": "BMP"}.get(suffix, "PNG")
+
+
+def resize_image(pixels: np.ndarray, size: int) -> np.ndarray:
+    """`(H, W, 3)` uint8 -> `(size, size, 3)` uint8, bilinear (Pillow, pixel centres aligned);
+    an image already of that size is returned unchanged."""
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    image = Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+class ImageFiles:
+    """RGB image files read and resized to `size x size` only when indexed: a lazy stand-in for
+    a uint8 `(N, size, size, 3)` array.
+
+    `files[i]` reads one image (`(size, size, 3)` uint8, `resize_image`); `files[indices]` (a
+    slice, sequence or integer array) is an `ImageFiles` of those files, reading nothing;
+    `np.asarray(files)` reads them all. A read error raises `InputDataError` naming the file.
+    """
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, paths: Sequence[str | os.PathLike], size: int):
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        self.paths = [Path(p) for p in paths]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.size, self.size, 3)
+
+    def __getitem__(self, index):
+        if isinstance(index, int | np.integer):
+            return resize_image(read_image(self.paths[index]), self.size)
+        if isinstance(index, slice):
+            return ImageFiles(self.paths[index], self.size)
+        return ImageFiles([self.paths[i] for i in np.asarray(index, dtype=np.intp)], self.size)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        images = np.empty(self.shape, np.uint8)
+        for i in range(len(self)):
+            images[i] = self[i]
+        return images if dtype is None else images.astype(dtype)

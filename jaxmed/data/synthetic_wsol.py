@@ -1,5 +1,5 @@
-"""Synthetic weakly-supervised localisation data (SPEC S1): cells whose most discriminative part is
-a small inclusion.
+"""Synthetic weakly-supervised localisation data (docs/wsol.md): cells whose most discriminative
+part is a small inclusion.
 
 Every image shows, on a textured pale-pink "tissue" background, one cell of its class (or
 several, `objects_per_image`) plus co-occurring distractors. What makes it a WSOL benchmark:
@@ -53,7 +53,8 @@ from jaxmed.data.wsol_folder import WsolDataset, write_wsol_folder
 
 __all__ = ["WsolDataset", "class_names", "make_wsol_dataset", "write_wsol_folder", "MAX_CLASSES"]
 
-# Class k: inclusion colour _MARK_COLOURS[k], pattern _PATTERNS[k % 4], paired rod colour _ROD_COLOURS[k].
+# Class k: inclusion colour _MARK_COLOURS[k], pattern _PATTERNS[k % 4], paired rod colour
+# _ROD_COLOURS[k].
 _MARK_COLOURS = (
     ("navy", (35, 45, 150)), ("green", (20, 115, 45)), ("brown", (160, 80, 15)),
     ("black", (25, 25, 25)), ("teal", (0, 120, 125)), ("maroon", (115, 10, 40)),
@@ -85,7 +86,8 @@ class _Ellipse(NamedTuple):
 def class_names(num_classes: int) -> list[str]:
     """`'<label>_<colour>_<pattern>'` of each class's inclusion, e.g. `'0_navy_solid'`; the label
     prefix makes the sorted folder names of `write_wsol_folder` keep the labels."""
-    return [f"{k}_{_MARK_COLOURS[k][0]}_{_PATTERNS[k % len(_PATTERNS)]}" for k in range(num_classes)]
+    return [f"{k}_{_MARK_COLOURS[k][0]}_{_PATTERNS[k % len(_PATTERNS)]}"
+            for k in range(num_classes)]
 
 
 class _Patch(NamedTuple):
@@ -224,7 +226,8 @@ def _part_mask(rng, patch, body: _Ellipse, body_mask, fraction: tuple[float, flo
         if low <= got <= high:
             return mask, (cx, cy), radius
         radius *= math.sqrt(target / max(got, 0.5 / area))
-    raise ValueError(f"cannot draw an inclusion of area fraction {fraction}; use a larger image_size")
+    raise ValueError(
+        f"cannot draw an inclusion of area fraction {fraction}; use a larger image_size")
 
 
 def _paint_part(rng, canvas, patch, part, centre, radius, label: int) -> None:

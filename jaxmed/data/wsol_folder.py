@@ -1,4 +1,5 @@
-"""Weakly-supervised localisation data (SPEC S1): the dataset container and the folder format.
+"""Weakly-supervised localisation data (docs/wsol.md): the dataset container and the folder
+format.
 
 Folder layout (read by `load_wsol_folder`, written by `write_wsol_folder`):
 
@@ -24,7 +25,10 @@ A box file with only its header is valid and gives no boxes; without a box file 
 `boxes` is `None`.
 
 Boxes are for evaluation only; training uses `images` and `labels`. Every problem with the
-user's files raises `jaxmed.errors.InputDataError` naming the file (and the CSV line).
+user's files raises `jaxmed.errors.InputDataError` naming the file (and the CSV line). Loading
+reads only the images' headers (their sizes place the boxes); the pixels are decoded and resized
+when an image is indexed (`jaxmed.data.images.ImageFiles`), so each training host decodes only
+the images it uses.
 """
 
 import csv
@@ -36,10 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 
-from jaxmed.data.images import list_images, read_image, write_image
-from jaxmed.data.split import train_val_split as split_indices
+from jaxmed.data.images import ImageFiles, list_images, read_image_size, write_image
 from jaxmed.errors import InputDataError
 
 BOXES_CSV = "boxes.csv"
@@ -52,7 +54,8 @@ class WsolDataset:
 
     **Fields:**
 
-    - `images`: uint8 `(N, S, S, 3)`.
+    - `images`: uint8 `(N, S, S, 3)`: an array, or `ImageFiles` that read each image when it is
+      indexed (folders); `images[indices]` and `np.asarray(images)` work for both.
     - `labels`: int32 `(N,)`, indices into `class_names`.
     - `boxes`: `N` int32 arrays `(k, 4)` of `[x0, y0, x1, y1]`, inclusive pixel indices
       (`k = 0` when an image has no box), or `None` when the dataset has no box file at all.
@@ -95,22 +98,6 @@ class WsolDataset:
         )
 
 
-def train_val_split(
-    dataset: WsolDataset, val_fraction: float = 0.2, seed: int = 0
-) -> tuple[WsolDataset, WsolDataset]:
-    """Split into training and validation sets stratified by class.
-
-    Each class sends `round(n * val_fraction)` random images to validation, clamped to
-    `[1, n - 1]` (a class of one image stays in training); deterministic for a given `seed`;
-    both parts keep the dataset's order.
-
-    **Returns:** `(train, val)`.
-    """
-    train_idx, val_idx = split_indices(len(dataset.labels), val_fraction, seed,
-                                       labels=dataset.labels)
-    return dataset.subset(train_idx), dataset.subset(val_idx)
-
-
 # ---------------------------------------------------------------------------- reading
 
 
@@ -119,15 +106,9 @@ def _class_folders(root: Path) -> list[Path]:
         raise InputDataError(f"{root}: no such folder (the dataset root)")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise InputDataError(f"{root}: no class sub-folders (expected one folder of images per class)")
+        raise InputDataError(
+            f"{root}: no class sub-folders (expected one folder of images per class)")
     return folders
-
-
-def _resized(pixels: np.ndarray, image_size: int) -> np.ndarray:
-    if pixels.shape[:2] == (image_size, image_size):
-        return pixels
-    image = Image.fromarray(pixels).resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(image)
 
 
 def scale_boxes(boxes: np.ndarray, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> np.ndarray:
@@ -153,7 +134,8 @@ def _box_value(csv_path: Path, line: int, column: str, text: str) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise InputDataError(f"{csv_path}, line {line}: {column} = {text!r} is not a number") from None
+        raise InputDataError(
+            f"{csv_path}, line {line}: {column} = {text!r} is not a number") from None
     if not math.isfinite(value) or value != round(value):
         raise InputDataError(
             f"{csv_path}, line {line}: {column} = {text!r} must be a whole pixel index"
@@ -173,7 +155,8 @@ def _box_row(csv_path: Path, line: int, row: list[str], sizes: dict[str, tuple[i
             f"{csv_path}, line {line}: image {row[0]!r} is not an image of the dataset "
             f"(expected a path relative to the dataset root, e.g. 'class/image.png')"
         )
-    x0, y0, x1, y1 = (_box_value(csv_path, line, c, t.strip()) for c, t in zip(BOX_COLUMNS[1:], row[1:]))
+    x0, y0, x1, y1 = (_box_value(csv_path, line, c, t.strip())
+                      for c, t in zip(BOX_COLUMNS[1:], row[1:]))
     if x1 < x0 or y1 < y0:
         raise InputDataError(f"{csv_path}, line {line}: empty box (need x0 <= x1 and y0 <= y1)")
     height, width = sizes[name]
@@ -185,7 +168,8 @@ def _box_row(csv_path: Path, line: int, row: list[str], sizes: dict[str, tuple[i
     return name, (x0, y0, x1, y1)
 
 
-def read_boxes(csv_path: str | os.PathLike, sizes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+def read_boxes(csv_path: str | os.PathLike,
+               sizes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
     """Read a box file; `sizes` maps each dataset image path to its `(height, width)`.
 
     **Returns:** image path → int32 `(k, 4)` boxes in stored-image pixels, for the images that
@@ -219,32 +203,33 @@ def load_wsol_folder(
     **Arguments:**
 
     - `root`: the dataset folder.
-    - `image_size`: every image is resized to `image_size x image_size` (bilinear, Pillow);
-      boxes are mapped onto the resized images.
+    - `image_size`: every image is resized to `image_size x image_size` (bilinear, Pillow)
+      when it is read; boxes are mapped onto the resized images.
     - `boxes_csv`: the box file; `None` uses `root/boxes.csv` when it exists, otherwise the
       dataset has `boxes = None`.
 
-    **Returns:** a `WsolDataset` ordered by class, then file name; `paths` set, no masks.
+    **Returns:** a `WsolDataset` ordered by class, then file name, whose `images` are
+    `ImageFiles` (decoded when indexed); `paths` set, no masks.
 
     **Raises:** `InputDataError` naming the folder or file: missing root, no class sub-folder, a
-    class folder without images, an unreadable image, a malformed box file or row (with its line).
+    class folder without images, an image whose header cannot be read (damage further in shows
+    when the image is read), a malformed box file or row (with its line).
     """
     root = Path(root)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     folders = _class_folders(root)
-    paths, labels, images, sizes = [], [], [], {}
+    paths, labels, files, sizes = [], [], [], {}
     for label, folder in enumerate(folders):
-        files = list_images(folder)
-        if not files:
+        found = list_images(folder)
+        if not found:
             raise InputDataError(f"{folder}: the class folder holds no images")
-        for file in files:
-            pixels = read_image(file)  # (h, w, 3) uint8
+        for file in found:
             name = f"{folder.name}/{file.name}"
-            sizes[name] = pixels.shape[:2]
+            sizes[name] = read_image_size(file)  # (h, w) of the stored image
             paths.append(name)
             labels.append(label)
-            images.append(_resized(pixels, image_size))
+            files.append(file)
     if boxes_csv is None and (root / BOXES_CSV).is_file():
         boxes_csv = root / BOXES_CSV
     boxes = None
@@ -256,7 +241,7 @@ def load_wsol_folder(
             for name in paths
         ]
     return WsolDataset(
-        images=np.stack(images),
+        images=ImageFiles(files, image_size),
         labels=np.array(labels, dtype=np.int32),
         boxes=boxes,
         class_names=[folder.name for folder in folders],

@@ -6,8 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from jaxmed.explain import cam_boxes
 from jaxmed.plotting import plt, save_figure
 
 
@@ -17,7 +19,8 @@ def _draw_boxes(ax, boxes: np.ndarray | None, colour: str, label: str) -> None:
     for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes).reshape(-1, 4)):
         # Boxes hold inclusive pixel indices; the rectangle runs along the pixel edges.
         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False,
-                                   edgecolor=colour, linewidth=1.5, label=label if i == 0 else None))
+                                   edgecolor=colour, linewidth=1.5,
+                                   label=label if i == 0 else None))
 
 
 def localization_figure(image: np.ndarray, cam: np.ndarray, path: str | os.PathLike, *,
@@ -64,3 +67,27 @@ def localization_grid(images: Sequence[np.ndarray], cams: Sequence[np.ndarray],
         _draw_boxes(ax, guess, "red", "predicted")
         ax.set_title(title, fontsize=8)
     return save_figure(fig, path)
+
+
+def validation_figure(wsol, state, images: np.ndarray, labels: np.ndarray,
+                      boxes: Sequence[np.ndarray] | None, class_names: Sequence[str],
+                      threshold: float, path: str | os.PathLike) -> Path | None:
+    """Write `localization_grid` of validation images: the CAM of each image's true class, its
+    box at `threshold` (red), the true boxes (green), titled `true → predicted` class.
+
+    **Arguments:**
+
+    - `wsol`, `state`: the trained system (`jaxmed.wsol.steps.Wsol`) and its state, on one
+      device.
+    - `images`: uint8 `[n, S, S, 3]`; `labels`: `[n]`; `boxes`: their boxes, or None.
+
+    **Returns:** the PNG's path, or None when there is no image.
+    """
+    if len(images) == 0:
+        return None
+    probabilities, cams = jax.jit(wsol.predict)(state, images, labels)
+    cams, predicted = np.asarray(cams), np.argmax(np.asarray(probabilities), -1)
+    guesses = [cam_boxes(c, threshold)[:1] for c in cams]
+    truths = boxes if boxes is not None else [None] * len(images)
+    titles = [f"{class_names[t]} → {class_names[p]}" for t, p in zip(labels, predicted)]
+    return localization_grid(images, cams, guesses, truths, titles, path)

@@ -11,27 +11,29 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from jaxmed.data.images import read_image, write_image
+from jaxmed.data.images import read_image, resize_image, write_image
 from jaxmed.explain import cam_boxes, normalize_cams, resize_maps
-from jaxmed.training import read_run_config, restore_trained
+from jaxmed.training import load_run
+from jaxmed.wsol.config import PROGRAM
 from jaxmed.wsol.figures import localization_figure
-from jaxmed.wsol.steps import Wsol, build_wsol
+from jaxmed.wsol.steps import build_wsol
 
-PROGRAM = "python -m train.wsol"
 THRESHOLDS_NAME = "localization.json"
 # Used when the run had no validation boxes to choose a threshold with.
 DEFAULT_THRESHOLD = 0.2
 
 
-def load_trained(workdir: str | os.PathLike, which: str = "best"):
-    """`(wsol, state, config)` of a training run."""
-    config = read_run_config(workdir, PROGRAM)
-    wsol = build_wsol(config)
-    state = restore_trained(workdir, lambda: wsol.init_state(config["seed"]), which=which,
-                            best_metric=config["best_metric"], best_mode=config["best_mode"])
-    return wsol, state, config
+def write_thresholds(workdir: str | os.PathLike, metrics: dict[str, float]) -> Path:
+    """Keep the validation metrics of the model that `localize` uses, and the CAM threshold
+    that gave its best MaxBoxAcc at δ = 0.5 (`DEFAULT_THRESHOLD` without validation boxes), in
+    `workdir/localization.json`."""
+    path = Path(workdir) / THRESHOLDS_NAME
+    values = {"threshold_50": metrics.get("val_threshold_50", DEFAULT_THRESHOLD), **metrics}
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(values, indent=2))
+    os.replace(temporary, path)
+    return path
 
 
 def saved_threshold(workdir: str | os.PathLike) -> float:
@@ -40,11 +42,6 @@ def saved_threshold(workdir: str | os.PathLike) -> float:
     if not path.is_file():
         return DEFAULT_THRESHOLD
     return float(json.loads(path.read_text())["threshold_50"])
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """`(H, W, 3)` uint8 -> `(size, size, 3)` uint8, bilinear (the loaders' convention)."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
 def localize_files(workdir: str | os.PathLike, inputs: Sequence[str], output: str | os.PathLike,
@@ -59,7 +56,7 @@ def localize_files(workdir: str | os.PathLike, inputs: Sequence[str], output: st
 
     **Returns:** the written paths.
     """
-    wsol, state, config = load_trained(workdir, which)
+    wsol, state, config = load_run(workdir, build_wsol, program=PROGRAM, which=which)
     threshold = saved_threshold(workdir) if threshold is None else threshold
     predict = jax.jit(wsol.predict)
     out = Path(output)
@@ -67,18 +64,20 @@ def localize_files(workdir: str | os.PathLike, inputs: Sequence[str], output: st
     rows, written = [], []
     for path in inputs:
         image = read_image(path)
-        probabilities, maps = predict(state, jnp.asarray(resize_image(image, wsol.image_size)[None]))
+        resized = resize_image(image, wsol.image_size)[None]  # [1, S, S, 3]
+        probabilities, maps = predict(state, jnp.asarray(resized))
         full = normalize_cams(np.asarray(resize_maps(maps, image.shape[:2], method="cubic")))[0]
         label = int(np.argmax(probabilities[0]))
         box = cam_boxes(full, threshold)[:1]
         name = config["class_names"][label]
         stem = Path(path).name.rsplit(".", 1)[0]
+        probability = float(probabilities[0, label])
         written.append(localization_figure(
             image, full, out / f"{stem}.png", predicted=box,
-            title=f"{Path(path).name}: {name} ({float(probabilities[0, label]):.2f}), τ = {threshold:.3f}"))
+            title=f"{Path(path).name}: {name} ({probability:.2f}), τ = {threshold:.3f}"))
         write_image(out / f"{stem}_cam.png", np.round(full * 255).astype(np.uint8))
         written.append(out / f"{stem}_cam.png")
-        rows.append([str(path), name, f"{float(probabilities[0, label]):.4f}", *map(int, box[0])])
+        rows.append([str(path), name, f"{probability:.4f}", *map(int, box[0])])
     table = out / "localization.csv"
     temporary = table.with_name(f".{table.name}.tmp")
     with open(temporary, "w", newline="") as f:
@@ -87,6 +86,3 @@ def localize_files(workdir: str | os.PathLike, inputs: Sequence[str], output: st
         writer.writerows(rows)
     os.replace(temporary, table)
     return written + [table]
-
-
-__all__ = ["Wsol", "load_trained", "localize_files", "saved_threshold", "resize_image"]

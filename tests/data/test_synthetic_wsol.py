@@ -70,7 +70,8 @@ def test_deterministic_by_seed():
 
 
 def test_labels_balanced(data):
-    counts = np.bincount(make_wsol_dataset(37, image_size=32, num_classes=5, seed=1).labels, minlength=5)
+    labels = make_wsol_dataset(37, image_size=32, num_classes=5, seed=1).labels
+    counts = np.bincount(labels, minlength=5)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 37
     assert np.all(np.bincount(data.labels) == 40)
     assert not np.array_equal(data.labels, np.sort(data.labels))  # shuffled, not grouped
@@ -167,9 +168,9 @@ def test_decoy_cells_are_not_ground_truth():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(image_size=16), dict(num_classes=0), dict(num_classes=MAX_CLASSES + 1), dict(part_fraction=(0.2, 0.1)),
-     dict(objects_per_image=0), dict(distractors_per_image=(-1, 1)), dict(body_tint=-1.0),
-     dict(body_tint=float("nan"))],
+    [dict(image_size=16), dict(num_classes=0), dict(num_classes=MAX_CLASSES + 1),
+     dict(part_fraction=(0.2, 0.1)), dict(objects_per_image=0),
+     dict(distractors_per_image=(-1, 1)), dict(body_tint=-1.0), dict(body_tint=float("nan"))],
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):

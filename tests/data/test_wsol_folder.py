@@ -1,5 +1,5 @@
-"""WSOL folder loader: round trip with the synthetic writer, resizing and box scaling, the split,
-and every input error naming its file (and CSV line)."""
+"""WSOL folder loader: round trip with the synthetic writer, resizing and box scaling, images
+decoded only when indexed, and every input error naming its file (and CSV line)."""
 
 import dataclasses
 import re
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmed.data.images import write_image
+from jaxmed.data import images
+from jaxmed.data.images import ImageFiles, write_image
 from jaxmed.data.synthetic_wsol import make_wsol_dataset
-from jaxmed.data.wsol_folder import load_wsol_folder, train_val_split, write_wsol_folder
+from jaxmed.data.wsol_folder import load_wsol_folder, write_wsol_folder
 from jaxmed.errors import InputDataError
 
 HEADER = "image,x0,y0,x1,y1\n"
@@ -84,12 +85,14 @@ def test_non_square_images_and_tiny_box(tmp_path):
     boxes = dict(zip(loaded.paths, loaded.boxes))
     assert boxes["a/0.png"].tolist() == [[0, 0, 23, 23]]
     # A 1-pixel box at the corner of a 12 x 6 image: 2 x 4 pixels after resizing to 24 x 24.
-    assert boxes["b/0.png"].tolist() == [[22, 20, 23, 23], _reference_scaled((0, 0, 5, 2), (6, 12), 24)]
+    assert boxes["b/0.png"].tolist() == [[22, 20, 23, 23],
+                                         _reference_scaled((0, 0, 5, 2), (6, 12), 24)]
     assert boxes["a/1.png"].shape == (0, 4)  # allowed: not evaluated
     assert loaded.class_names == ["a", "b"] and loaded.labels.tolist() == [0, 0, 1]
     shrunk = load_wsol_folder(root, image_size=3)
     box = dict(zip(shrunk.paths, shrunk.boxes))["b/0.png"][0]
-    assert box.tolist() == [2, 2, 2, 2]  # thinner than a new pixel: keeps the one holding its centre
+    # Thinner than a new pixel: keeps the one holding its centre.
+    assert box.tolist() == [2, 2, 2, 2]
 
 
 def test_boxes_optional_and_explicit_file(tmp_path):
@@ -107,20 +110,31 @@ def test_round_trip_without_boxes(synthetic, tmp_path):
     write_wsol_folder(boxless, tmp_path / "data")
     assert not (tmp_path / "data" / "boxes.csv").exists()
     loaded = load_wsol_folder(tmp_path / "data", image_size=32)
-    assert loaded.boxes is None and train_val_split(loaded, 0.25, seed=0)[1].boxes is None
+    assert loaded.boxes is None and loaded.subset([1, 0]).boxes is None
 
 
-def test_train_val_split_is_stratified(synthetic):
-    data = make_wsol_dataset(40, image_size=32, num_classes=4, seed=0)
-    train, val = train_val_split(data, 0.2, seed=3)
-    assert np.all(np.bincount(val.labels) == 2) and np.all(np.bincount(train.labels) == 8)
-    assert sorted(train.paths + val.paths) == sorted(data.paths)
-    again, _ = train_val_split(data, 0.2, seed=3)
-    assert again.paths == train.paths
-    i = data.paths.index(val.paths[0])
-    np.testing.assert_array_equal(val.images[0], data.images[i])
-    np.testing.assert_array_equal(val.masks[0], data.masks[i])
-    np.testing.assert_array_equal(val.boxes[0], data.boxes[i])
+def test_images_are_decoded_only_when_indexed(synthetic, written, monkeypatch):
+    reads = []
+    real = images.read_image
+    monkeypatch.setattr(images, "read_image", lambda path, **kw: reads.append(path) or real(path))
+    loaded = load_wsol_folder(written, image_size=20)
+    assert isinstance(loaded.images, ImageFiles) and reads == []  # headers only
+    part = loaded.subset([5, 2])
+    assert reads == [] and part.images.shape == (2, 20, 20, 3)
+    first = part.images[1]
+    assert reads == [written / loaded.paths[2]] and first.shape == (20, 20, 3)
+    np.testing.assert_array_equal(np.asarray(loaded.images[3:5])[1], loaded.images[4])
+    assert len(reads) == 4
+
+
+def test_damage_past_the_header_names_the_file_when_read(written, tmp_path):
+    root = tmp_path / "data"
+    write_wsol_folder(make_wsol_dataset(4, image_size=32, num_classes=2, seed=0), root)
+    victim = root / "0_navy_solid" / "00000.png"
+    victim.write_bytes(victim.read_bytes()[:60])  # a valid header, truncated pixels
+    loaded = load_wsol_folder(root, image_size=32)
+    with pytest.raises(InputDataError, match=re.escape(str(victim)) + ".*cannot read"):
+        loaded.images[loaded.paths.index("0_navy_solid/00000.png")]
 
 
 def test_writer_refuses_a_non_empty_folder_and_unsorted_names(synthetic, written, tmp_path):

@@ -1,6 +1,8 @@
 """`python -m train.wsol` end to end, in subprocesses: training outputs (metrics, checkpoints,
-figures, thresholds), resume, a folder dataset with boxes, `localize` on images of other sizes,
-and bad inputs that fail naming the file without touching an existing work directory.
+figures, thresholds), resume (a changed `--steps` is recorded, a changed model option refused),
+a folder dataset with boxes on 2 simulated devices and the same run as two processes, the warm
+start, `localize` on images of other sizes, bad option values, and bad inputs that fail naming
+the file without touching an existing work directory.
 
 Phase 1 trains on synthetic data and on a folder; phase 2 starts what needs a trained run
 (see tests/programs.py).
@@ -19,8 +21,25 @@ import pytest
 from PIL import Image
 
 from jaxmed.data.synthetic_wsol import make_wsol_dataset, write_wsol_folder
-from tests.programs import (PNG_MAGIC, Job, assert_help_lists, assert_resumed, failure_message,
-                            metrics_rows, once, program_env, session_folder, snapshot)
+from jaxmed.training import load_run
+from jaxmed.wsol.config import PROGRAM
+from jaxmed.wsol.steps import build_wsol
+from tests.programs import (
+    PNG_MAGIC,
+    Job,
+    assert_help_lists,
+    assert_resumed,
+    assert_runs_match,
+    assert_usage_error,
+    failure_message,
+    metrics_rows,
+    once,
+    program_env,
+    session_folder,
+    snapshot,
+    start_two_processes,
+)
+from train import wsol
 
 TINY = ["--image-size", "32", "--synthetic-images", "48", "--synthetic-classes", "3",
         "--widths", "4,4,8,8,8", "--conv6-width", "8", "--batch-size", "8", "--eval-every", "2",
@@ -72,23 +91,35 @@ def _write_bad_cases(root: pathlib.Path) -> None:
     (root / "empty" / "b").mkdir()
 
 
+def _folder_run(workdir: pathlib.Path, folder: pathlib.Path) -> list[str]:
+    return _train(workdir, "--steps", "2", "--data-dir", str(folder),
+                  "--boxes", str(folder / "boxes.csv"), "--modules", "none")
+
+
 @pytest.fixture(scope="module")
 def trainings(tmp):
+    """Phase 1: the synthetic run; the folder run on 2 devices of one process, and as two
+    processes of one device each (the same global batch on the same device count); an odd
+    batch on 2 devices."""
     cache = tmp / "jax_cache"
     folder = tmp / "folder_data"
     commands = {
-        "synthetic": _train(tmp / "run", "--steps", "4"),
-        "folder": _train(tmp / "folder_run", "--steps", "2", "--data-dir", str(folder),
-                         "--boxes", str(folder / "boxes.csv"), "--modules", "none"),
+        "synthetic": (_train(tmp / "run", "--steps", "4"), 1),
+        "folder": (_folder_run(tmp / "folder_run", folder), 2),
+        "odd_batch": (_train(tmp / "odd_batch", "--batch-size", "3"), 2),
     }
     jobs = {name: Job(tmp, name) for name in commands}
+    two = [Job(tmp, f"two_processes.{i}") for i in range(2)]
 
     def launch():
         _folder_dataset(folder)
-        for name, args in commands.items():
-            jobs[name].start(args, program_env(cache))
+        for name, (args, devices) in commands.items():
+            jobs[name].start(args, program_env(cache, devices))
+        two[:] = start_two_processes(tmp, "two_processes", _folder_run(tmp / "two_run", folder),
+                                     program_env(cache))
 
     once(tmp, "phase1", launch)
+    jobs.update({job.name: job for job in two})
     yield jobs
     for job in jobs.values():
         job.finish()
@@ -101,6 +132,7 @@ def followups(tmp, trainings):
     bad = _bad_cases(tmp / "bad")
     plain = str(tmp / "folder_run")
     commands = {"resume": _train(tmp / "resumed", "--steps", "6"),
+                "other_width": _train(run, "--steps", "4", "--conv6-width", "16"),
                 "warm": _train(tmp / "warm", "--steps", "2", "--learning-rate", "0",
                                "--init-from", plain),
                 "warm_shape": _train(tmp / "warm_shape", "--steps", "2", "--widths", "4,4,8,8,16",
@@ -108,7 +140,8 @@ def followups(tmp, trainings):
                 "warm_missing": _train(tmp / "warm_missing", "--steps", "2",
                                        "--init-from", str(tmp / "no_run")),
                 "localize": _localize(run, tmp / "localized", *inputs),
-                "localize_missing": _localize(run, tmp / "localized_bad", tmp / "inputs" / "nope.png")}
+                "localize_missing": _localize(run, tmp / "localized_bad",
+                                              tmp / "inputs" / "nope.png")}
     for case, (extra, _, _) in bad.items():
         commands[case] = _train(run, "--steps", "4", *extra)
     jobs = {name: Job(tmp, name) for name in commands}
@@ -157,26 +190,63 @@ def test_training_writes_every_output(tmp, trainings):
     assert (run / "figures" / "validation.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_folder_dataset_with_boxes_and_baseline(tmp, trainings):
+def test_folder_dataset_with_boxes_and_baseline_on_two_devices(tmp, trainings):
     done = trainings["folder"].ok()
     assert "val_maxboxacc_50" in done.stdout
     config = json.loads((tmp / "folder_run" / "config.json").read_text())
     assert config["modules"] == [] and len(config["class_names"]) == 3
+    assert sorted(os.listdir(tmp / "folder_run" / "checkpoints")) == ["2"]
+
+
+def test_two_processes_train_as_one_process_with_two_devices(tmp, trainings):
+    """Each process decodes only its rows of every batch and its share of the held-out images;
+    the parameters and the validation scores match the one-process run's."""
+    first = trainings["two_processes.0"].ok()
+    trainings["two_processes.1"].ok()
+    single = trainings["folder"].ok()
+    assert_runs_match(tmp / "two_run", tmp / "folder_run",
+                      ["val_maxboxacc_v2", "val_maxboxacc_50", "val_maxboxacc_70", "val_top1"])
+    final = [t for t in single.stdout.splitlines() if t.startswith("validation (best")]
+    assert final and final[0] in first.stdout
+
+
+def test_batch_not_divisible_by_the_devices_is_a_usage_error(tmp, trainings):
+    assert_usage_error(trainings["odd_batch"].result(), "--batch-size")
+    assert not (tmp / "odd_batch").exists()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--val-fraction", "1.5"), ("--cr", "2"), ("--alpha", "0"), ("--t", "1.5"),
+    ("--batch-size", "0"), ("--modules", "conv9_9"), ("--modules", "conv4_3,pool4"),
+    ("--dtype", "float16"), ("--widths", "8,16,32"), ("--image-size", "16"),
+    ("--synthetic-classes", "9"), ("--synthetic-object-scale", "0.3,0.2")])
+def test_bad_option_values_are_one_line_usage_errors(capsys, option, value):
+    """Checked before JAX starts: exit status 2, one line naming the option."""
+    with pytest.raises(SystemExit) as exit_:
+        wsol.main([option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and option in err, err
+
+
+def test_bad_localize_threshold_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        wsol.main(["localize", "--workdir", "w", "--input", "a.png", "--output", "o",
+                   "--threshold", "1.5"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--threshold" in err, err
 
 
 def test_help_lists_every_option():
-    assert_help_lists("train.wsol", (
-        "--data-dir", "--boxes", "--image-size", "--val-fraction", "--synthetic-images",
-        "--synthetic-classes", "--synthetic-object-scale", "--synthetic-body-tint", "--modules",
-        "--widths", "--conv6-width", "--batch-norm", "--cr", "--alpha", "--t", "--dtype",
-        "--learning-rate", "--weight-decay", "--warmup-steps",
-        "--figures", "--init-from", "--steps", "--batch-size", "--workdir"))
+    section = "Weakly-supervised localisation"
+    assert_help_lists("train.wsol", wsol.build_parser(), readme_section=section)
+    assert_help_lists("train.wsol", wsol.build_localize_parser(), "localize",
+                      readme_section=section)
 
 
 def test_object_scale_option_checks_its_range():
-    from train.wsol import build_parser
-
-    parse = build_parser().parse_args
+    parse = wsol.build_parser().parse_args
     assert parse(["--synthetic-object-scale", "0.28,0.38"]).synthetic_object_scale == (0.28, 0.38)
     assert parse([]).synthetic_object_scale == (0.14, 0.22)
     for bad in ("0.3", "0.4,0.3", "0,0.2", "0.2,0.5", "a,b"):
@@ -184,8 +254,15 @@ def test_object_scale_option_checks_its_range():
             parse(["--synthetic-object-scale", bad])
 
 
-def test_resume_continues(tmp, followups):
+def test_resume_continues_and_records_the_new_step_count(tmp, followups):
     assert_resumed(followups["jobs"]["resume"], tmp / "resumed", saved_step=4, steps=6)
+    config = json.loads((tmp / "resumed" / "config.json").read_text())
+    assert config["steps"] == 6
+    assert config["resumed"] == [{"step": 4, "changed": {"steps": [4, 6]}}]
+
+
+def test_resume_with_another_model_option_is_refused(followups):
+    assert_usage_error(followups["jobs"]["other_width"].result(), "--conv6-width: saved 8, now 16")
 
 
 def test_init_from_copies_the_shared_layers_and_initialises_the_modules(tmp, followups):
@@ -194,21 +271,20 @@ def test_init_from_copies_the_shared_layers_and_initialises_the_modules(tmp, fol
     the modules are new; config.json records the source."""
     from flax import traverse_util
 
-    from jaxmed.wsol.localize import load_trained
-
     out = followups["jobs"]["warm"].ok()
     assert "12 new: params/conv4_3_suppression/" in out.stdout, out.stdout
     config = json.loads((tmp / "warm" / "config.json").read_text())
     assert config["init_from"] == str((tmp / "folder_run").resolve())
-    _, source, _ = load_trained(tmp / "folder_run", "best")
-    _, warm, _ = load_trained(tmp / "warm", "latest")
+    source = load_run(tmp / "folder_run", build_wsol, program=PROGRAM).state
+    warm = load_run(tmp / "warm", build_wsol, program=PROGRAM, which="latest").state
     assert int(warm.step) == 2
     source_params = traverse_util.flatten_dict(source.params, sep="/")
     warm_params = traverse_util.flatten_dict(warm.params, sep="/")
     new = sorted(k for k in warm_params if k not in source_params)
     assert new and all("_suppression/" in k for k in new), new
     for path, value in source_params.items():
-        np.testing.assert_array_equal(np.asarray(warm_params[path]), np.asarray(value), err_msg=path)
+        np.testing.assert_array_equal(np.asarray(warm_params[path]), np.asarray(value),
+                                      err_msg=path)
 
 
 def test_bad_init_from_fails_before_writing(tmp, followups):
@@ -252,7 +328,7 @@ def test_localize_missing_file(tmp, followups):
 
 
 def test_failed_runs_leave_the_work_directory_untouched(tmp, followups):
-    for case in followups["bad"]:
+    for case in [*followups["bad"], "other_width"]:
         assert followups["jobs"][case].result().returncode != 0
     followups["jobs"]["localize"].result()
     assert snapshot(tmp / "run") == followups["before"]

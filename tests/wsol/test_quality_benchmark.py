@@ -10,7 +10,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--synthetic-images", "48", "--widths", "4,4,4,4,4",
         "--conv6-width", "8", "--batch-size", "8", "--figures", "0"]
-RUNS = {"CAM": "none", "1 module (conv5_3)": "conv5_3", "2 modules (conv4_3, conv5_3)": "conv4_3+conv5_3"}
+RUNS = {"CAM": "none", "1 module (conv5_3)": "conv5_3",
+        "2 modules (conv4_3, conv5_3)": "conv4_3+conv5_3"}
 
 
 def _bench(workdir, *options):
