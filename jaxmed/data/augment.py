@@ -1,4 +1,4 @@
-"""Host-side augmentation of image/mask pairs for segmentation (SPEC S4), reproducible per step.
+"""Host-side augmentation of image/mask pairs for segmentation, reproducible per step.
 
 `step_rng(seed, step, index)` gives the random stream of example `index` of the batch at
 training step `step`; drawing the augmentation from it makes a resumed run augment exactly
@@ -23,9 +23,9 @@ as the uninterrupted one would have.
 
 Every parameter is drawn on every call, whether its transform is enabled or not, in the
 order flip (`rng.random() < 1/2`), angle, zoom, brightness, contrast, gamma (each
-`rng.uniform` over its range), so switching one transform off does not change the others. With `flip=False`,
-`max_rotation=0`, `scale_range=(1, 1)` and zero intensity ranges the pair comes back
-unchanged.
+`rng.uniform` over its range), so switching one transform off does not change the others.
+With `flip=False`, `max_rotation=0`, `scale_range=(1, 1)` and zero intensity ranges the pair
+comes back unchanged.
 """
 
 import numpy as np
@@ -90,7 +90,8 @@ def augment_pair(
 
 
 def _source_positions(shape: tuple[int, int], angle: float, scale: float, flipped: bool):
-    """Where each output pixel comes from: the inverse of flip, then rotate and zoom about the centre."""
+    """Where each output pixel comes from: the inverse of flip, then rotate and zoom about the
+    centre."""
     centre_row, centre_col = (shape[0] - 1) / 2, (shape[1] - 1) / 2
     out_rows = np.arange(shape[0], dtype=np.float64)[:, None] - centre_row
     out_cols = np.arange(shape[1], dtype=np.float64)[None, :] - centre_col

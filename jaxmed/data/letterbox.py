@@ -1,9 +1,10 @@
-"""Letterboxing: aspect-preserving resize into a fixed canvas, and its inverse (SPEC S4).
+"""Letterboxing: aspect-preserving resize into a fixed canvas, and its inverse.
 
-The segmentation network sees every image at one size (473 x 473 by default). `letterbox`
-scales an image so that it fits the canvas with its aspect ratio kept, centres it and pads
-the rest with grey; `unletterbox` crops the padding off a prediction and resizes it back to
-the original image, so that masks and metrics are in the user's pixels.
+The segmentation network sees every image at one size (473 x 473 in the original design,
+128 x 128 in `python -m train.segment` by default). `letterbox` scales an image so that it
+fits the canvas with its aspect ratio kept, centres it and pads the rest with grey;
+`unletterbox` crops the padding off a prediction and resizes it back to the original image,
+so that masks and metrics are in the user's pixels.
 
 Conventions (chosen so that the inverse is exact where it can be):
 
@@ -64,9 +65,8 @@ def fit_letterbox(shape: tuple[int, ...], size: int | tuple[int, int]) -> Letter
     if height < 1 or width < 1 or min(canvas) < 1:
         raise ValueError(f"image {height}x{width} and canvas {canvas} must be non-empty")
     scale = min(canvas[0] / height, canvas[1] / width)
-    resized = tuple(
-        min(limit, max(1, int(np.floor(n * scale + 0.5)))) for n, limit in zip((height, width), canvas)
-    )
+    resized = tuple(min(limit, max(1, int(np.floor(n * scale + 0.5))))
+                    for n, limit in zip((height, width), canvas))
     offset = tuple((limit - n) // 2 for n, limit in zip(resized, canvas))
     return Letterbox((height, width), canvas, resized, offset, float(scale))
 

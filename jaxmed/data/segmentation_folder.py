@@ -1,4 +1,4 @@
-"""Image/mask folder pairs for segmentation (SPEC S4), checked before training starts.
+"""Image/mask folder pairs for segmentation, checked before training starts.
 
 Layout: one folder of images and one of masks. The mask of `images/case7.png` is the file
 in the masks folder named `case7` + `mask_suffix` with any image extension, so
@@ -12,9 +12,9 @@ image's name + the suffix is then that image's mask, not an image.
 What `load_segmentation_folder` checks up front, reading only the file headers (about a
 millisecond per file, so every problem in the folder surfaces before training starts):
 an empty or missing folder; two images (or two masks) sharing a name; an image without a
-mask; a file that cannot be opened; a JPEG or multi-channel mask; image/mask size mismatch. Masks without
-an image are not an error (cases are often excluded by deleting their images): they are
-reported in one `UserWarning`. The pixel values (class numbers within `[0, num_classes)`
+mask; a file that cannot be opened; a JPEG or multi-channel mask; image/mask size mismatch.
+Masks without an image are not an error (cases are often excluded by deleting their images):
+they are reported in one `UserWarning`. The pixel values (class numbers within `[0, num_classes)`
 or `ignore_index`) need the whole mask decoded, so they are checked by `read_pair` when a
 pair is read, or up front for every mask with `check_values=True`.
 
@@ -80,17 +80,20 @@ def load_segmentation_folder(
     missing = [path for stem, path in images.items() if stem + mask_suffix not in masks]
     if missing:
         raise InputDataError(
-            f"{_names(missing)}: no mask named <image name>{mask_suffix}.<png|tif|...> in {masks_dir}"
+            f"{_names(missing)}: no mask named <image name>{mask_suffix}.<png|tif|...> in "
+            f"{masks_dir}"
         )
-    pairs = [SegmentationPair(path, masks[stem + mask_suffix]) for stem, path in sorted(images.items())]
+    pairs = [SegmentationPair(path, masks[stem + mask_suffix])
+             for stem, path in sorted(images.items())]
     orphans = sorted(set(masks.values()) - {path for pair in pairs for path in pair})
     if orphans:
-        warnings.warn(f"{_names(orphans)}: mask without an image in {images_dir}; not used", UserWarning,
-                      stacklevel=2)
+        warnings.warn(f"{_names(orphans)}: mask without an image in {images_dir}; not used",
+                      UserWarning, stacklevel=2)
     for pair in pairs:
         _check_headers(pair)
         if check_values:
-            check_mask_values(read_image(pair.mask, mode="label"), pair.mask, num_classes, ignore_index)
+            check_mask_values(read_image(pair.mask, mode="label"), pair.mask, num_classes,
+                              ignore_index)
     return pairs
 
 
@@ -113,7 +116,8 @@ def read_pair(
     mask = read_image(mask_path, mode="label")
     if image.shape[:2] != mask.shape:
         raise InputDataError(
-            f"{mask_path}: mask is {_size(mask.shape)} but its image {image_path} is {_size(image.shape)}"
+            f"{mask_path}: mask is {_size(mask.shape)} but its image {image_path} is "
+            f"{_size(image.shape)}"
         )
     check_mask_values(mask, mask_path, num_classes, ignore_index)
     return image, mask
@@ -130,7 +134,8 @@ def check_mask_values(
     if not bad.any():
         return
     values = np.unique(mask[bad])
-    allowed = f"0..{num_classes - 1}" + (f" or {ignore_index} (ignored)" if ignore_index is not None else "")
+    ignored = f" or {ignore_index} (ignored)" if ignore_index is not None else ""
+    allowed = f"0..{num_classes - 1}{ignored}"
     hint = ""
     if values.max() == 255 and np.isin(np.unique(mask), [0, 255]).all():
         hint = "; it looks like a 0/255 binary image: store the class numbers 0/1 instead"
@@ -168,8 +173,8 @@ def _check_headers(pair: SegmentationPair) -> None:
         )
     if image_size != mask_size:
         raise InputDataError(
-            f"{pair.mask}: mask is {mask_size[1]}x{mask_size[0]} (HxW) but its image {pair.image} is "
-            f"{image_size[1]}x{image_size[0]}"
+            f"{pair.mask}: mask is {mask_size[1]}x{mask_size[0]} (HxW) but its image "
+            f"{pair.image} is {image_size[1]}x{image_size[0]}"
         )
 
 

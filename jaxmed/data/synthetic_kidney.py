@@ -1,4 +1,4 @@
-"""Synthetic kidney-ultrasound phantoms with exact masks, the segmentation default (SPEC S4).
+"""Synthetic kidney-ultrasound phantoms with exact masks, the segmentation default.
 
 Each phantom is a B-mode image of a kidney seen through a convex probe, with its label map:
 0 = outside the kidney (including outside the field of view), 1 = hydronephrosis fluid,
@@ -180,8 +180,10 @@ def _draw_kidney(rng: np.random.Generator, probe: _Probe, shape: tuple[int, int]
     beam = rng.uniform(-0.35, 0.35) * probe.half_angle
     centre = (probe.apex_y + depth * math.cos(beam), probe.apex_x + depth * math.sin(beam))
     hilum = float(rng.choice([-1.0, 1.0]))
-    harmonics = np.stack([rng.uniform(0, 0.06, 4) / np.arange(1, 5), rng.uniform(0, 2 * np.pi, 4)], 1)
-    sinus = np.array([rng.uniform(-0.08, 0.08) * long_axis, hilum * rng.uniform(0.1, 0.25) * short_axis,
+    harmonics = np.stack([rng.uniform(0, 0.06, 4) / np.arange(1, 5),
+                          rng.uniform(0, 2 * np.pi, 4)], 1)
+    sinus = np.array([rng.uniform(-0.08, 0.08) * long_axis,
+                      hilum * rng.uniform(0.1, 0.25) * short_axis,
                       rng.uniform(0.5, 0.65) * long_axis, rng.uniform(0.3, 0.42) * short_axis])
     pelvis, calyces, limit = _draw_fluid(rng, sinus[:2], (long_axis, short_axis), hilum)
     return _Kidney(centre, (long_axis, short_axis), np.deg2rad(rng.uniform(-30, 30)), hilum,
@@ -234,7 +236,8 @@ def _draw_extras(rng, probe: _Probe, kidney: _Kidney, shape) -> _Extras:
 
 def _to_kidney_frame(kidney: _Kidney, y, x):
     dy, dx = y - kidney.centre[0], x - kidney.centre[1]
-    c, s = math.cos(kidney.angle), math.sin(kidney.angle)  # Python floats keep float32 grids float32
+    # Python floats keep float32 grids float32.
+    c, s = math.cos(kidney.angle), math.sin(kidney.angle)
     return dx * c + dy * s, -dx * s + dy * c
 
 
@@ -292,7 +295,8 @@ def _ellipse(a, b, centre_a, centre_b, semi_a, semi_b):
 
 
 def _label_map(kidney: _Kidney, shape) -> np.ndarray:
-    """The exact `(H, W)` int32 label map at the pixel centres (only the kidney's box is evaluated)."""
+    """The exact `(H, W)` int32 label map at the pixel centres (only the kidney's box is
+    evaluated)."""
     labels = np.zeros(shape, np.int32)
     reach = _reach(kidney, 1.0)
     (r0, r1), (c0, c1) = (
@@ -312,7 +316,8 @@ def _label_map(kidney: _Kidney, shape) -> np.ndarray:
 def _polar_axes(probe: _Probe, shape):
     """Sample depths `[R, 1]` and beam angles `[1, A]` (float32), about one per pixel."""
     n_depth = int(np.ceil(_SAMPLES_PER_PIXEL * (probe.r_max - probe.r_min)))
-    n_beams = int(np.ceil(_SAMPLES_PER_PIXEL * min(2 * probe.half_angle * probe.r_max, 1.6 * shape[1])))
+    n_beams = int(np.ceil(_SAMPLES_PER_PIXEL
+                          * min(2 * probe.half_angle * probe.r_max, 1.6 * shape[1])))
     depth = np.linspace(probe.r_min, probe.r_max, n_depth, dtype=np.float32)[:, None]
     angle = np.linspace(-probe.half_angle, probe.half_angle, n_beams, dtype=np.float32)[None, :]
     return depth, angle
@@ -342,7 +347,8 @@ def _acoustics(rng, probe: _Probe, kidney: _Kidney, extras: _Extras, depth, angl
     return reflectivity, excess
 
 
-def _draw_kidney_echoes(rng, probe, kidney, extras, reflectivity, excess, blockers, y, x, parenchyma):
+def _draw_kidney_echoes(rng, probe, kidney, extras, reflectivity, excess, blockers, y, x,
+                        parenchyma):
     """Write the kidney, its perirenal fat and any stone into the window views, in place.
 
     `parenchyma` is the surrounding tissue's level in dB (with its texture); the cortex is a
@@ -352,12 +358,15 @@ def _draw_kidney_echoes(rng, probe, kidney, extras, reflectivity, excess, blocke
     u, v = _to_kidney_frame(kidney, y, x)
     fat = (relative >= 1.0) & (relative < rng.uniform(1.04, 1.2))
     # Perirenal fat: from barely brighter than the surroundings to bright, patchy along the edge.
-    reflectivity[fat] = _amplitude(rng.uniform(-16, -5) + 4.0 * (parenchyma[fat] - parenchyma.mean()))
+    reflectivity[fat] = _amplitude(rng.uniform(-16, -5)
+                                   + 4.0 * (parenchyma[fat] - parenchyma.mean()))
     cortex_db = parenchyma - rng.uniform(2, 6)
     sinus = _ellipse(u, v, *kidney.sinus.tolist()) & (relative < 0.78)
     pyramids = _pyramids(kidney, u, v) & (relative < 0.9) & ~sinus
-    inside_db = np.where(sinus, rng.uniform(-10, -5), cortex_db - np.where(pyramids, rng.uniform(6, 10), 0))
-    reflectivity[...] = np.where(kidney_mask, _amplitude(np.where(fluid, -60, inside_db)), reflectivity)
+    inside_db = np.where(sinus, rng.uniform(-10, -5),
+                         cortex_db - np.where(pyramids, rng.uniform(6, 10), 0))
+    reflectivity[...] = np.where(kidney_mask, _amplitude(np.where(fluid, -60, inside_db)),
+                                 reflectivity)
     # Fluid attenuates less than the tissue the gain compensates for: posterior enhancement.
     excess[kidney_mask & fluid] = -np.log(1.8) / (0.2 * (probe.r_max - probe.apex_y))
     if extras.stone is not None:
@@ -395,14 +404,16 @@ def _pyramids(kidney: _Kidney, u, v):
 
 
 def _near_field(rng, reflectivity, below_face, layers):
-    """Skin, subcutaneous fat, fascia and muscle bands under the probe face (`below_face`: [R, 1])."""
+    """Skin, subcutaneous fat, fascia and muscle bands under the probe face (`below_face`:
+    [R, 1])."""
     profile = np.full(below_face.shape, np.nan, np.float32)
     muscle = ((below_face >= layers[0]) & (below_face < layers[1])) | (
         (below_face >= layers[2]) & (below_face < layers[3]))
     profile[muscle] = _amplitude(rng.uniform(-24, -18))
     profile[(below_face < layers[0])] = _amplitude(rng.uniform(-28, -22))  # subcutaneous fat
-    profile[(below_face < 0.4 * layers[0]) | ((below_face >= layers[1]) & (below_face < layers[2]))] = (
-        _amplitude(rng.uniform(-8, -4)))  # skin and fascia
+    skin_and_fascia = (below_face < 0.4 * layers[0]) | (
+        (below_face >= layers[1]) & (below_face < layers[2]))
+    profile[skin_and_fascia] = _amplitude(rng.uniform(-8, -4))
     return np.where(np.isnan(profile), reflectivity, profile)
 
 
@@ -442,7 +453,8 @@ def _scan_convert(polar, probe: _Probe, shape):
     rows = np.arange(shape[0], dtype=np.float32)[:, None] - probe.apex_y
     cols = np.arange(shape[1], dtype=np.float32)[None, :] - probe.apex_x
     i = (np.hypot(rows, cols) - probe.r_min) * ((polar.shape[0] - 1) / (probe.r_max - probe.r_min))
-    j = (np.arctan2(cols, rows) + probe.half_angle) * ((polar.shape[1] - 1) / (2 * probe.half_angle))
+    j = ((np.arctan2(cols, rows) + probe.half_angle)
+         * ((polar.shape[1] - 1) / (2 * probe.half_angle)))
     in_view = (i >= 0) & (i <= polar.shape[0] - 1) & (j >= 0) & (j <= polar.shape[1] - 1)
     i_low = np.clip(np.floor(i), 0, polar.shape[0] - 2)
     j_low = np.clip(np.floor(j), 0, polar.shape[1] - 2)

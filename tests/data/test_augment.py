@@ -7,7 +7,8 @@ import pytest
 
 from jaxmed.data.augment import augment_pair, step_rng
 
-OFF = dict(flip=False, max_rotation=0.0, scale_range=(1.0, 1.0), brightness=0.0, contrast=0.0, gamma=0.0)
+OFF = dict(flip=False, max_rotation=0.0, scale_range=(1.0, 1.0), brightness=0.0, contrast=0.0,
+           gamma=0.0)
 
 
 def _pair(shape=(40, 52), channels=3, seed=0):
@@ -57,7 +58,8 @@ def test_flip_flips_both():
     image, mask = _pair()
     flipped = []
     for seed in range(20):
-        out_image, out_mask = augment_pair(image, mask, step_rng(seed, 0, 0), **{**OFF, "flip": True})
+        out_image, out_mask = augment_pair(image, mask, step_rng(seed, 0, 0),
+                                           **{**OFF, "flip": True})
         flipped.append(not np.array_equal(out_mask, mask))
         expected = (image[:, ::-1], mask[:, ::-1]) if flipped[-1] else (image, mask)
         np.testing.assert_array_equal(out_image, expected[0])
@@ -69,8 +71,8 @@ def test_flip_flips_both():
 def test_labels_stay_in_the_label_set():
     image, mask = _pair(shape=(30, 30))
     for seed in range(30):
-        _, out = augment_pair(image, mask, step_rng(seed, 1, 2), max_rotation=45, scale_range=(0.6, 1.4),
-                              mask_fill=9)
+        _, out = augment_pair(image, mask, step_rng(seed, 1, 2), max_rotation=45,
+                              scale_range=(0.6, 1.4), mask_fill=9)
         assert set(np.unique(out)) <= {0, 1, 2, 9}
 
 
@@ -95,8 +97,8 @@ def test_geometry_matches_opencv(seed):
     image, mask = _square()
     mask[30:, 40:] += 2  # more than one edge direction
     kwargs = dict(max_rotation=30.0, scale_range=(0.8, 1.25))
-    out_image, out_mask = augment_pair(image, mask, step_rng(seed, 0, 0), brightness=0, contrast=0, gamma=0,
-                                       fill=128, mask_fill=0, **kwargs)
+    out_image, out_mask = augment_pair(image, mask, step_rng(seed, 0, 0), brightness=0,
+                                       contrast=0, gamma=0, fill=128, mask_fill=0, **kwargs)
     flipped, angle, scale = _drawn(seed, **kwargs)
     height, width = mask.shape
     # Our positive angle turns the picture clockwise on screen; OpenCV's turns it anticlockwise.
@@ -107,8 +109,9 @@ def test_geometry_matches_opencv(seed):
                                    flags=cv2.INTER_NEAREST, borderValue=0, **border)
     expected_image = cv2.warpAffine(np.ascontiguousarray(source_image), matrix, (width, height),
                                     flags=cv2.INTER_LINEAR, borderValue=(128,) * 3, **border)
-    assert np.mean(out_mask == expected_mask) > 0.995  # ties at exactly half a pixel may round apart
-    assert np.abs(out_image.astype(int) - expected_image).max() <= 3  # OpenCV uses 1/32-pixel weights
+    # Ties at exactly half a pixel may round apart; OpenCV uses 1/32-pixel weights.
+    assert np.mean(out_mask == expected_mask) > 0.995
+    assert np.abs(out_image.astype(int) - expected_image).max() <= 3
 
 
 def test_intensity_formula_and_mask_untouched():
@@ -127,7 +130,8 @@ def test_intensity_formula_and_mask_untouched():
 def test_turning_one_transform_off_keeps_the_others():
     image, mask = _pair()
     with_jitter = augment_pair(image, mask, step_rng(3, 0, 0), max_rotation=20)
-    without = augment_pair(image, mask, step_rng(3, 0, 0), max_rotation=20, brightness=0, contrast=0, gamma=0)
+    without = augment_pair(image, mask, step_rng(3, 0, 0), max_rotation=20, brightness=0,
+                           contrast=0, gamma=0)
     np.testing.assert_array_equal(with_jitter[1], without[1])
 
 

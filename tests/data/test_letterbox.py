@@ -50,7 +50,8 @@ def _pillow_triangle_weights(n_in, n_out):
 def test_geometry(shape, size, resized, offset):
     box = fit_letterbox(shape, size)
     canvas = (size, size) if np.isscalar(size) else size
-    assert box == Letterbox(shape, canvas, resized, offset, min(canvas[0] / shape[0], canvas[1] / shape[1]))
+    scale = min(canvas[0] / shape[0], canvas[1] / shape[1])
+    assert box == Letterbox(shape, canvas, resized, offset, scale)
 
 
 @pytest.mark.parametrize("shape", [(64, 48), (64, 48, 3), (48, 64, 5)])
@@ -62,7 +63,8 @@ def test_letterbox_places_and_pads(shape):
     inside = np.zeros((100, 90), bool)
     inside[top:top + h, left:left + w] = True
     assert np.all(padded[~inside] == 7)
-    np.testing.assert_array_equal(padded[inside].reshape((h, w) + shape[2:]), resize(image, (h, w), order=1))
+    np.testing.assert_array_equal(padded[inside].reshape((h, w) + shape[2:]),
+                                  resize(image, (h, w), order=1))
 
 
 @pytest.mark.parametrize("n_in, n_out", [(5, 13), (13, 5), (7, 7), (10, 3), (3, 10), (473, 128)])
@@ -137,7 +139,8 @@ def test_label_round_trip_when_shrinking_loses_only_boundaries(shape):
     padded, box = letterbox(labels, 473, fill=0, order=0)
     back = unletterbox(padded, box, order=0)
     assert back.shape == shape
-    boundary = scipy.ndimage.morphological_gradient(labels, size=2 * int(np.ceil(1 / box.scale)) + 1) > 0
+    width = 2 * int(np.ceil(1 / box.scale)) + 1
+    boundary = scipy.ndimage.morphological_gradient(labels, size=width) > 0
     assert np.all(boundary[back != labels])
 
 

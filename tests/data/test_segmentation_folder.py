@@ -34,7 +34,8 @@ def _folders(tmp_path, names, mask_names=None, mask_suffix=""):
 
 
 def test_pairs_matched_by_name_across_extensions(tmp_path):
-    images_dir, masks_dir = _folders(tmp_path, ["b.png", "a.jpg", "c.tif"], ["a.png", "b.tif", "c.png"])
+    images_dir, masks_dir = _folders(tmp_path, ["b.png", "a.jpg", "c.tif"],
+                                     ["a.png", "b.tif", "c.png"])
     pairs = load_segmentation_folder(images_dir, masks_dir, num_classes=3)
     assert pairs == [
         SegmentationPair(images_dir / "a.jpg", masks_dir / "a.png"),
@@ -57,7 +58,8 @@ def test_mask_suffix_and_shared_folder(tmp_path):
         write_image(shared / f"{stem}.png", _image(seed=i))
         write_image(shared / f"{stem}_mask.png", _mask(seed=i))
     pairs = load_segmentation_folder(shared, shared, num_classes=3, mask_suffix="_mask")
-    assert [(p.image.name, p.mask.name) for p in pairs] == [("x.png", "x_mask.png"), ("y.png", "y_mask.png")]
+    assert [(p.image.name, p.mask.name) for p in pairs] == [("x.png", "x_mask.png"),
+                                                            ("y.png", "y_mask.png")]
     with pytest.raises(InputDataError, match="suffix"):
         load_segmentation_folder(shared, shared, num_classes=3)
 

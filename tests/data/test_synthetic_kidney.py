@@ -74,8 +74,8 @@ def test_echo_levels(phantoms):
     grey = images[..., 0].astype(np.float64)
     fluid_means, tissue_means, surround_means = [], [], []
     for image, mask in zip(grey, masks):
-        surround = scipy.ndimage.binary_dilation(mask > 0, iterations=8) & ~scipy.ndimage.binary_dilation(
-            mask > 0, iterations=3)
+        surround = (scipy.ndimage.binary_dilation(mask > 0, iterations=8)
+                    & ~scipy.ndimage.binary_dilation(mask > 0, iterations=3))
         if (mask == sk.FLUID).sum() > 30:
             fluid_means.append(image[mask == sk.FLUID].mean())
         tissue_means.append(image[mask == sk.TISSUE].mean())
@@ -100,7 +100,8 @@ def test_speckle_is_visible_in_homogeneous_tissue(phantoms):
     # A 9x9 patch of tissue below the kidney's centre-line: local variation well above 8-bit
     # rounding, as speckle gives (a smooth image would have a tiny local standard deviation).
     local_mean = scipy.ndimage.uniform_filter(grey, (1, 9, 9))
-    local_std = np.sqrt(np.maximum(scipy.ndimage.uniform_filter(grey ** 2, (1, 9, 9)) - local_mean ** 2, 0))
+    local_square = scipy.ndimage.uniform_filter(grey ** 2, (1, 9, 9))
+    local_std = np.sqrt(np.maximum(local_square - local_mean ** 2, 0))
     in_tissue = scipy.ndimage.binary_erosion(masks == sk.TISSUE, structure=np.ones((1, 9, 9)))
     assert np.median(local_std[in_tissue]) > 8
 
@@ -112,6 +113,7 @@ def test_write_segmentation_folder_round_trip(tmp_path):
     assert names == ["00000.png", "00001.png", "00002.png"]
     for i, name in enumerate(names):
         np.testing.assert_array_equal(read_image(tmp_path / "data" / "images" / name), images[i])
-        np.testing.assert_array_equal(read_image(tmp_path / "data" / "masks" / name, mode="label"), masks[i])
+        mask = read_image(tmp_path / "data" / "masks" / name, mode="label")
+        np.testing.assert_array_equal(mask, masks[i])
     with pytest.raises(ValueError):
         sk.write_segmentation_folder(images, masks[:2], tmp_path / "other")
