@@ -30,7 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import print_table  # noqa: E402
-from jaxmed.segmentation.predict import load_trained  # noqa: E402
+from jaxmed.segmentation.config import SegmentationConfig  # noqa: E402
+from jaxmed.segmentation.inference import PROGRAM  # noqa: E402
+from jaxmed.segmentation.steps import build_segmenter  # noqa: E402
+from jaxmed.training import load_run  # noqa: E402
 from train import segment  # noqa: E402
 
 VARIANTS = {
@@ -41,7 +44,7 @@ VARIANTS = {
 
 
 def _parameters(workdir: Path) -> int:
-    _, state, _ = load_trained(workdir, "best")
+    state = load_run(workdir, build_segmenter, program=PROGRAM).state
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params))
 
 
@@ -68,7 +71,7 @@ def main() -> None:
                         "--checkpoint-every", str(max(args.steps // 4, 1))]
         run = segment.build_parser().parse_args(options)
         start = time.perf_counter()
-        metrics = segment.train(run)
+        metrics = segment.train(run, SegmentationConfig.from_args(run))
         seconds = time.perf_counter() - start
         if name == "full":
             full = metrics["val_mean_dice"]

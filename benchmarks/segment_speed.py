@@ -6,8 +6,8 @@ What is timed is exactly what `python -m train.segment` runs: `build_segmenter(c
 auxiliary head included, BatchNorm statistics and dropout in training mode), and
 `jax.jit(segmenter.logits)` (uint8 images -> float32 class scores at input resolution).
 
-- `seed`: the seed's network: ResNet-50, width 64, 473 x 473, output stride 16, CBAM + pyramid
-  pooling, auxiliary head (loss weight 0.4), 3 classes.
+- `seed`: the original design's network: ResNet-50, width 64, 473 x 473, output stride 16,
+  CBAM + pyramid pooling, auxiliary head (loss weight 0.4), 3 classes.
 - `cpu`: the program's defaults, read from `train.segment.build_parser().parse_args([])` (at the
   time of writing ResNet-18, width 16, 128 x 128, output stride 8, same modules and heads).
 
@@ -20,7 +20,7 @@ Ratios, all measured in the same run (images/s over images/s, above 1 = faster):
 - `bf16/f32`: bfloat16 over float32, same configuration, mode and batch.
 - `/batch 1`: batching efficiency, over the smallest batch measured (1 by default; the header
   names it) of the same configuration, mode and dtype.
-- `seed/cpu`: the seed configuration over the CPU default, same mode, dtype and batch.
+- `seed/cpu`: the `seed` configuration over the CPU default, same mode, dtype and batch.
 
 Memory. `XLA MB` is the compiled executable's `memory_analysis()`: argument + output - alias +
 temp sizes, i.e. the buffers XLA assigns for one call (the state, the batch, the results, and
@@ -32,7 +32,7 @@ compiler, the other configurations' states and library scratch space outside XLA
 `GFLOP/s` is XLA's flop count of the compiled call (`cost_analysis()`) over the step time.
 
 Defaults are chosen so that a run finishes within about a quarter of an hour on a 2-core CPU,
-where a seed training step takes ~10 s per image and compiling a training step ~30 s: the seed
+where a `seed` training step takes ~10 s per image and compiling a training step ~30 s: the `seed`
 configuration runs batches 1 and 4 with no warm-up and 2 timed calls (at seconds per call the
 first call costs no more than the others), the CPU default batches 1, 4 and 8 with 2 warm-up
 and 5 timed calls. `--batches`, `--warmup` and `--repeats` override both; on a GPU or TPU run
@@ -64,7 +64,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import Timing, print_table, time_jitted
-from jaxmed.segmentation.steps import MODEL_KEYS, Segmenter, build_segmenter
+from jaxmed.segmentation.config import SegmentationConfig
+from jaxmed.segmentation.steps import Segmenter, build_segmenter
 from train import segment as program
 
 CONFIGS = ("seed", "cpu")
@@ -88,7 +89,8 @@ class Plan:
     repeats: int
 
 
-DEFAULT_PLANS = {"seed": Plan((1, 4), warmup=0, repeats=2), "cpu": Plan((1, 4, 8), warmup=2, repeats=5)}
+DEFAULT_PLANS = {"seed": Plan((1, 4), warmup=0, repeats=2),
+                 "cpu": Plan((1, 4, 8), warmup=2, repeats=5)}
 QUICK_PLAN = Plan((1, 2), warmup=1, repeats=1)
 
 
@@ -102,10 +104,9 @@ class Measurement:
 
 
 def configurations(quick: bool) -> dict[str, dict]:
-    """The model config dicts (`MODEL_KEYS`) of `seed` and `cpu`; the latter is what
+    """The configuration dicts (`SegmentationConfig`) of `seed` and `cpu`; the latter is what
     `python -m train.segment` uses without arguments."""
-    args = program.build_parser().parse_args([])
-    cpu = {k: getattr(args, k) for k in MODEL_KEYS}
+    cpu = SegmentationConfig.from_args(program.build_parser().parse_args([])).to_dict()
     configs = {"seed": {**cpu, **SEED_NETWORK}, "cpu": cpu}
     if quick:
         configs = {name: {**config, **QUICK_NETWORKS[name]} for name, config in configs.items()}
@@ -115,9 +116,9 @@ def configurations(quick: bool) -> dict[str, dict]:
 def describe(config: dict) -> str:
     modules = [m for m in ("cbam", "ppm") if config[m]]
     aux = f"aux head {config['aux_weight']:g}" if config["aux_weight"] > 0 else "no aux head"
-    return (f"ResNet-{config['depth']} width {config['width']}, {config['image_size']}^2, output stride "
-            f"{config['output_stride']}, {'+'.join(modules).upper() or 'no CBAM/PPM'}, {aux}, "
-            f"{config['num_classes']} classes")
+    return (f"ResNet-{config['depth']} width {config['width']}, {config['image_size']}^2, "
+            f"output stride {config['output_stride']}, "
+            f"{'+'.join(modules).upper() or 'no CBAM/PPM'}, {aux}, {config['num_classes']} classes")
 
 
 # ------------------------------------------------------------------ data and compiled facts
@@ -153,7 +154,8 @@ def count_params(tree: Any) -> int:
 # ------------------------------------------------------------------ measurement
 
 
-def measure_training(segmenter: Segmenter, state, batch: dict[str, jax.Array], plan: Plan) -> Measurement:
+def measure_training(segmenter: Segmenter, state, batch: dict[str, jax.Array],
+                     plan: Plan) -> Measurement:
     """The program's training step, jitted with the state donated: each call consumes the state
     the previous one returned, as in `fit`."""
     state = jax.tree.map(jnp.copy, state)  # donation would delete the shared initial state
@@ -167,7 +169,8 @@ def measure_training(segmenter: Segmenter, state, batch: dict[str, jax.Array], p
         jax.block_until_ready((state, metrics))
         if call >= plan.warmup:
             times.append(time.perf_counter() - start)
-    return Measurement(Timing(compile_s, statistics.median(times)), xla_bytes(compiled), xla_flops(compiled))
+    return Measurement(Timing(compile_s, statistics.median(times)), xla_bytes(compiled),
+                       xla_flops(compiled))
 
 
 def measure_inference(segmenter: Segmenter, state, images: jax.Array, plan: Plan) -> Measurement:
@@ -182,7 +185,7 @@ def measure_config(config: dict, plan: Plan, dtypes: list[str], modes: list[str]
     """Measures one configuration over dtypes x batches x modes into `results`, keyed
     `(mode, dtype, batch)`; returns its parameter count."""
     # Parameters are float32 whatever the computation dtype, so one initial state serves both.
-    initial = jax.jit(lambda: build_segmenter({**config, "dtype": "float32"}).init_state(config["seed"]))()
+    initial = jax.jit(lambda: build_segmenter({**config, "dtype": "float32"}).init_state())()
     for dtype in dtypes:
         segmenter = build_segmenter({**config, "dtype": dtype})
         for batch_size in plan.batches:
@@ -217,7 +220,8 @@ def table_rows(results: dict[str, dict[tuple, Measurement]]) -> list[list[Any]]:
 
     rows = []
     for name, measured in results.items():
-        for mode, dtype, batch in sorted(measured, key=lambda k: (MODES.index(k[0]), DTYPES.index(k[1]), k[2])):
+        order = sorted(measured, key=lambda k: (MODES.index(k[0]), DTYPES.index(k[1]), k[2]))
+        for mode, dtype, batch in order:
             m = measured[mode, dtype, batch]
             smallest = min(b for (md, dt, b) in measured if md == mode and dt == dtype)
             own = ips(name, mode, dtype, batch)
@@ -238,21 +242,26 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = sorted(set(names) - set(allowed))
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {', '.join(allowed)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {unknown}; choose from {', '.join(allowed)}")
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", type=lambda s: _names(s, CONFIGS, "configuration(s)"), default=list(CONFIGS),
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=lambda s: _names(s, CONFIGS, "configuration(s)"),
+                        default=list(CONFIGS),
                         help="comma-separated, of seed, cpu (default: both)")
-    parser.add_argument("--dtypes", type=lambda s: _names(s, DTYPES, "dtype(s)"), default=list(DTYPES),
+    parser.add_argument("--dtypes", type=lambda s: _names(s, DTYPES, "dtype(s)"),
+                        default=list(DTYPES),
                         help="comma-separated computation dtypes (default: float32,bfloat16)")
     parser.add_argument("--mode", type=lambda s: _names(s, MODES, "mode(s)"), default=list(MODES),
                         help="comma-separated, of train, infer (default: both)")
     parser.add_argument("--batches", type=lambda s: tuple(int(b) for b in s.split(",")),
                         help="batch sizes of every configuration (default: seed 1,4; cpu 1,4,8)")
-    parser.add_argument("--warmup", type=int, help="untimed calls after compiling (default: seed 0, cpu 2)")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed calls after compiling (default: seed 0, cpu 2)")
     parser.add_argument("--repeats", type=int,
                         help="timed calls, the median is reported (default: seed 2, cpu 5)")
     parser.add_argument("--quick", action="store_true",
@@ -284,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     for line in headers:
         print(line)
     smallest = min(batch for measured in results.values() for (_, _, batch) in measured)
-    print_table(["config", "mode", "dtype", "batch", "compile s", "step s", "images/s", "GFLOP/s", "XLA MB",
-                 "bf16/f32", f"/batch {smallest}", "seed/cpu"], table_rows(results))
+    print_table(["config", "mode", "dtype", "batch", "compile s", "step s", "images/s", "GFLOP/s",
+                 "XLA MB", "bf16/f32", f"/batch {smallest}", "seed/cpu"], table_rows(results))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"peak RSS {peak_rss:.0f} MB; load average (1 min) {load_start[0]:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end; {time.perf_counter() - start:.0f} s in all")

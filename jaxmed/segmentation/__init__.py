@@ -1,1 +1,2 @@
-"""Segmentation (SPEC S4): training step, validation, figures, predict."""
+"""Segmentation: configuration (`config`), data sources (`data`), the system and its validation
+(`steps`), `predict` (`inference`) and figures (`figures`). See docs/segmentation.md."""

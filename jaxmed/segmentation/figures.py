@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxmed.plotting import plt, save_figure
@@ -44,3 +46,12 @@ def segmentation_grid(images: Sequence[np.ndarray], truths: Sequence[np.ndarray 
                 ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
                 ax.set_title(name if titles is None else f"{titles[r]}: {name}", fontsize=8)
     return save_figure(fig, path)
+
+
+def validation_figure(segmenter, state, examples: dict[str, np.ndarray],
+                      path: str | os.PathLike) -> Path:
+    """`segmentation_grid` of held-out `examples` (`{'image': [n, S, S, 3], 'mask': [n, S, S]}`)
+    with the argmax of `segmenter.logits` (a `jaxmed.segmentation.steps.Segmenter`)."""
+    logits = jax.jit(segmenter.logits)(state, jnp.asarray(examples["image"]))  # [n, S, S, C]
+    predictions = np.argmax(np.asarray(logits), axis=-1)
+    return segmentation_grid(examples["image"], examples["mask"], predictions, path)

@@ -14,18 +14,9 @@ from jaxmed.data.images import read_image, write_image
 from jaxmed.data.letterbox import letterbox, unletterbox
 from jaxmed.segmentation.figures import colour_mask, overlay
 from jaxmed.segmentation.steps import build_segmenter
-from jaxmed.training import read_run_config, restore_trained
+from jaxmed.training import load_run
 
 PROGRAM = "python -m train.segment"
-
-
-def load_trained(workdir: str | os.PathLike, which: str = "best"):
-    """`(segmenter, state, config)` of a training run."""
-    config = read_run_config(workdir, PROGRAM)
-    segmenter = build_segmenter(config)
-    state = restore_trained(workdir, lambda: segmenter.init_state(config["seed"]), which=which,
-                            best_metric=config["best_metric"], best_mode=config["best_mode"])
-    return segmenter, state, config
 
 
 def predict_files(workdir: str | os.PathLike, inputs: Sequence[str], output: str | os.PathLike,
@@ -39,7 +30,7 @@ def predict_files(workdir: str | os.PathLike, inputs: Sequence[str], output: str
 
     **Returns:** the written paths.
     """
-    segmenter, state, config = load_trained(workdir, which)
+    segmenter, state, _ = load_run(workdir, build_segmenter, program=PROGRAM, which=which)
     scores = jax.jit(segmenter.logits)
     out = Path(output)
     written = []

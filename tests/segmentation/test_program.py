@@ -1,7 +1,8 @@
 """`python -m train.segment` end to end, in subprocesses: training outputs (metrics with Dice
-per class, checkpoints, figures), resume, a folder dataset of non-square images, 8 simulated
-devices, `predict` at the images' own sizes, and bad inputs that fail naming the file without
-touching an existing work directory.
+per class, checkpoints, figures), resume (a changed `--steps` is recorded, a changed model
+option refused), a folder dataset of non-square images on 2 simulated devices and the same run
+as two processes, `predict` at the images' own sizes, bad option values and bad inputs that
+fail without touching an existing work directory.
 
 Phase 1 trains; phase 2 starts what needs a trained run (see tests/programs.py).
 """
@@ -18,8 +19,22 @@ import pytest
 from PIL import Image
 
 from jaxmed.data.synthetic_kidney import make_kidney_phantoms
-from tests.programs import (PNG_MAGIC, Job, assert_help_lists, assert_resumed, failure_message,
-                            metrics_rows, once, program_env, session_folder, snapshot)
+from tests.programs import (
+    PNG_MAGIC,
+    Job,
+    assert_help_lists,
+    assert_resumed,
+    assert_runs_match,
+    assert_usage_error,
+    failure_message,
+    metrics_rows,
+    once,
+    program_env,
+    session_folder,
+    snapshot,
+    start_two_processes,
+)
+from train import segment
 
 TINY = ["--image-size", "32", "--synthetic-images", "24", "--depth", "18", "--width", "4",
         "--batch-size", "4", "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1",
@@ -72,25 +87,35 @@ def _write_bad_cases(root: pathlib.Path) -> None:
     (root / "empty" / "masks").mkdir()
 
 
+def _folder_run(workdir: pathlib.Path, folder: pathlib.Path) -> list[str]:
+    return _train(workdir, "--steps", "2", "--images", str(folder / "images"), "--masks",
+                  str(folder / "masks"), "--no-cbam", "--no-ppm", "--aux-weight", "0")
+
+
 @pytest.fixture(scope="module")
 def trainings(tmp):
+    """Phase 1: the synthetic run; the folder run on 2 devices of one process, and as two
+    processes of one device each (the same global batch on the same device count); an odd
+    batch on 2 devices."""
     cache = tmp / "jax_cache"
     folder = tmp / "folder_data"
     commands = {
         "synthetic": (_train(tmp / "run", "--steps", "4"), 1),
-        "folder": (_train(tmp / "folder_run", "--steps", "2", "--images", str(folder / "images"),
-                          "--masks", str(folder / "masks"), "--no-cbam", "--no-ppm",
-                          "--aux-weight", "0"), 1),
-        "8dev": (_train(tmp / "run8", "--steps", "2", "--batch-size", "8"), 8),
+        "folder": (_folder_run(tmp / "folder_run", folder), 2),
+        "odd_batch": (_train(tmp / "odd_batch", "--batch-size", "3"), 2),
     }
     jobs = {name: Job(tmp, name) for name in commands}
+    two = [Job(tmp, f"two_processes.{i}") for i in range(2)]
 
     def launch():
         _write_folder(folder)
         for name, (args, devices) in commands.items():
             jobs[name].start(args, program_env(cache, devices))
+        two[:] = start_two_processes(tmp, "two_processes", _folder_run(tmp / "two_run", folder),
+                                     program_env(cache))
 
     once(tmp, "phase1", launch)
+    jobs.update({job.name: job for job in two})
     yield jobs
     for job in jobs.values():
         job.finish()
@@ -102,7 +127,8 @@ def followups(tmp, trainings):
     inputs = [tmp / "inputs" / "tall.png", tmp / "inputs" / "wide.tif"]
     bad = _bad_cases(tmp / "bad")
     commands = {"resume": _train(tmp / "resumed", "--steps", "6"),
-                "predict": _predict(run, tmp / "predicted", *inputs)}
+                "predict": _predict(run, tmp / "predicted", *inputs),
+                "other_width": _train(run, "--steps", "4", "--width", "8")}
     for case in bad:
         folder = tmp / "bad" / case
         commands[case] = _train(run, "--steps", "4", "--images", str(folder / "images"),
@@ -147,30 +173,58 @@ def test_training_writes_every_output(tmp, trainings):
     assert json.loads((run / "config.json").read_text())["best_metric"] == "val_mean_dice"
 
 
-def test_folder_dataset_and_ablation_flags(tmp, trainings):
+def test_folder_dataset_two_devices_and_ablation_flags(tmp, trainings):
     done = trainings["folder"].ok()
     assert "mean Dice" in done.stdout
     config = json.loads((tmp / "folder_run" / "config.json").read_text())
     assert (config["cbam"], config["ppm"], config["aux_weight"]) == (False, False, 0.0)
+    assert config["images"] == str(tmp / "folder_data" / "images")
     assert "aux_loss" not in metrics_rows(tmp / "folder_run")[0]
+    assert sorted(os.listdir(tmp / "folder_run" / "checkpoints")) == ["2"]
 
 
-def test_eight_devices(tmp, trainings):
-    trainings["8dev"].ok()
-    assert sorted(os.listdir(tmp / "run8" / "checkpoints")) == ["2"]
+def test_two_processes_train_as_one_process_with_two_devices(tmp, trainings):
+    """Each process reads only its rows of every batch and its share of the held-out images;
+    the parameters and the validation scores match the one-process run's."""
+    first = trainings["two_processes.0"].ok()
+    trainings["two_processes.1"].ok()
+    single = trainings["folder"].ok()
+    assert_runs_match(tmp / "two_run", tmp / "folder_run",
+                      ["val_mean_dice", "val_dice_0", "val_dice_1", "val_dice_2", "val_accuracy"])
+    line = [t for t in single.stdout.splitlines() if t.startswith("validation (best")]
+    assert line and line[0] in first.stdout
+
+
+def test_batch_not_divisible_by_the_devices_is_a_usage_error(trainings):
+    assert_usage_error(trainings["odd_batch"].result(), "--batch-size")
+
+
+@pytest.mark.parametrize("option, value", [("--val-fraction", "1.5"), ("--batch-size", "0"),
+                                           ("--depth", "19"), ("--dropout", "1.5"),
+                                           ("--num-classes", "1"), ("--dtype", "float16"),
+                                           ("--image-size", "16"), ("--images", "folder")])
+def test_bad_option_values_are_one_line_usage_errors(capsys, option, value):
+    """Checked before JAX starts: exit status 2, one line naming the option."""
+    with pytest.raises(SystemExit) as exit_:
+        segment.main([option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and option in err, err
 
 
 def test_help_lists_every_option():
-    assert_help_lists("train.segment", (
-        "--images", "--masks", "--mask-suffix", "--num-classes", "--image-size", "--val-fraction",
-        "--synthetic-images", "--augment", "--depth", "--width", "--output-stride", "--cbam",
-        "--ppm", "--aux-weight", "--dropout", "--dtype", "--ce-weight", "--dice-weight",
-        "--learning-rate", "--weight-decay", "--warmup-steps", "--figures", "--steps",
-        "--batch-size", "--workdir"))
+    assert_help_lists("train.segment", segment.build_parser(), readme_section="Segmentation")
 
 
-def test_resume_continues(tmp, followups):
+def test_resume_continues_and_records_the_new_step_count(tmp, followups):
     assert_resumed(followups["jobs"]["resume"], tmp / "resumed", saved_step=4, steps=6)
+    config = json.loads((tmp / "resumed" / "config.json").read_text())
+    assert config["steps"] == 6
+    assert config["resumed"] == [{"step": 4, "changed": {"steps": [4, 6]}}]
+
+
+def test_resume_with_another_model_option_is_refused(followups):
+    assert_usage_error(followups["jobs"]["other_width"].result(), "--width: saved 4, now 8")
 
 
 def test_predict_writes_masks_at_the_image_size(tmp, followups):
@@ -194,7 +248,7 @@ def test_bad_input_fails_naming_the_file(followups, case):
 
 
 def test_failed_runs_leave_the_work_directory_untouched(tmp, followups):
-    for case in followups["bad"]:
+    for case in [*followups["bad"], "other_width"]:
         assert followups["jobs"][case].result().returncode != 0
     followups["jobs"]["predict"].result()
     assert snapshot(tmp / "run") == followups["before"]

@@ -1,4 +1,6 @@
-"""The segmentation program's loss, step and validation on a tiny network."""
+"""The segmentation system's loss, step and validation on a tiny network."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -6,16 +8,27 @@ import numpy as np
 
 from jaxmed.data.synthetic_kidney import make_kidney_phantoms
 from jaxmed.losses import ce_dice_loss
-from jaxmed.segmentation.steps import IGNORE, build_segmenter, validation
+from jaxmed.metrics import confusion_matrix, segmentation_scores
+from jaxmed.segmentation.config import SegmentationConfig
+from jaxmed.segmentation.data import IGNORE
+from jaxmed.segmentation.steps import build_segmenter, eval_batch_size, flat_scores, validation
+from jaxmed.training import SupervisedSystem, read_run_config
 
-CONFIG = dict(num_classes=3, image_size=32, depth=18, width=4, output_stride=8, cbam=True,
-              ppm=True, aux_weight=0.4, dropout=0.0, dtype="float32", learning_rate=1e-2,
-              weight_decay=0.0, steps=40, warmup_steps=1, ce_weight=1.0, dice_weight=1.0, seed=0)
+CONFIG = SegmentationConfig(image_size=32, width=4, dropout=0.0, learning_rate=1e-2,
+                            weight_decay=0.0, steps=40, warmup_steps=1)
 
 
 def _data(n=8):
     images, masks = make_kidney_phantoms(n, size=32, seed=1)
     return images, masks.astype(np.int32)
+
+
+def test_builds_a_supervised_system_from_the_config_or_its_json(tmp_path):
+    segmenter = build_segmenter(CONFIG)
+    assert isinstance(segmenter, SupervisedSystem)
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    again = build_segmenter(read_run_config(tmp_path, "test"))
+    assert (again.model, again.image_size, again.seed) == (segmenter.model, 32, 0)
 
 
 def test_loss_adds_the_weighted_auxiliary_term():
@@ -37,10 +50,10 @@ def test_training_then_inference_mode_agree():
     network trains on (the same preprocessing in both modes)."""
     segmenter = build_segmenter(CONFIG)
     images, masks = _data()
-    state = segmenter.init_state(0)
+    state = segmenter.init_state()
     step = jax.jit(segmenter.train_step)
     batch = {"image": jnp.asarray(images), "mask": jnp.asarray(masks)}
-    for i in range(CONFIG["steps"]):
+    for i in range(CONFIG.steps):
         state, metrics = step(state.replace(step=jnp.int32(i)), batch)
     assert float(metrics["main_loss"]) < 1.0
     predicted = np.argmax(np.asarray(segmenter.logits(state, jnp.asarray(images))), -1)
@@ -49,14 +62,38 @@ def test_training_then_inference_mode_agree():
     assert len(np.unique(predicted)) > 1
 
 
+def test_eval_step_counts_each_image_and_nothing_of_padded_rows():
+    segmenter = build_segmenter(CONFIG)
+    images, masks = _data(3)
+    masks[0, :4] = IGNORE
+    state = segmenter.init_state()
+    batch = {"image": images, "mask": masks, "index": np.array([0, 1, -1], np.int32)}
+    confusion = np.asarray(segmenter.eval_step(state, batch)["confusion"])  # [3, C, C]
+    predicted = np.argmax(np.asarray(segmenter.logits(state, jnp.asarray(images))), -1)
+    for i in range(2):
+        expected = confusion_matrix(predicted[i], masks[i], 3, ignore_index=IGNORE)
+        np.testing.assert_array_equal(confusion[i], expected)
+    assert confusion[0].sum() == 32 * 32 - 4 * 32
+    assert confusion[2].sum() == 0
+
+
 def test_validation_equals_dice_of_the_argmax():
     segmenter = build_segmenter(CONFIG)
-    images, masks = _data(5)
-    state = segmenter.init_state(0)
-    metrics = validation(segmenter, images, masks, chunk=2)(state)  # 3 chunks, last padded
-    predicted = np.argmax(np.asarray(segmenter.logits(state, jnp.asarray(images))), -1)
+    count = eval_batch_size() + 5  # two batches, the last padded
+    images, masks = _data(count)
+    state = segmenter.init_state()
+    metrics = validation(segmenter, {"image": images, "mask": masks}, count)(state)
+    # The argmax of batches shaped as evaluate's (the last one padded with its last image).
+    batches = np.minimum(np.arange(2 * eval_batch_size()), count - 1).reshape(2, -1)
+    predicted = np.concatenate([np.argmax(np.asarray(
+        segmenter.logits(state, jnp.asarray(images[rows]))), -1) for rows in batches])[:count]
+    expected = flat_scores(segmentation_scores(confusion_matrix(predicted, masks, 3)), "val_")
+    assert sorted(metrics) == sorted(expected)
+    assert {"val_mean_dice", "val_dice_2", "val_iou_0", "val_accuracy"} <= set(metrics)
+    np.testing.assert_array_equal([metrics[k] for k in sorted(metrics)],
+                                  [expected[k] for k in sorted(metrics)])
     for c in range(3):
         p, g = predicted == c, masks == c
         if p.sum() + g.sum():
-            expected = 2 * np.sum(p & g) / (p.sum() + g.sum())
-            np.testing.assert_allclose(metrics[f"val_dice_{c}"], expected, rtol=1e-5)
+            np.testing.assert_allclose(metrics[f"val_dice_{c}"],
+                                       2 * np.sum(p & g) / (p.sum() + g.sum()), rtol=1e-5)
