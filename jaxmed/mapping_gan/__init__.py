@@ -1,1 +1,3 @@
-"""The mapping-GAN system (SPEC.md S0): study loading, the fused training step, application."""
+"""The mapping-GAN system (docs/mapping_gan.md): `config` (options and `config.json`), `data`
+(the study and the step batches), `steps` (state, training and validation steps), `inference`
+(the `apply` command), `figures`."""

@@ -1,48 +1,107 @@
-"""A mapping-GAN study: two groups of volumes in memory, split 4:1, and per-step batches.
+"""A mapping-GAN study: two groups of NIfTI volumes, split 4:1, and the per-step batches.
 
-Volumes are small enough (tens of MB for hundreds of 32³ subjects) to hold in host memory;
-each training step's batch is drawn from them by a generator seeded with (seed, step), so the
-data order of a resumed or multi-host run is the uninterrupted single-host one.
+The subjects, their groups and the split are known from the file names and headers; a volume's
+voxels are read (normalised to [-1, 1] and padded to the U-Net's multiple) only when something
+asks for it, and kept once read (`Volumes`). So a host reads the training volumes its rows of
+each step need and its share of the validation subjects, not the whole study. Each training
+step's batch is drawn by a generator seeded with (seed, step), so the data order of a resumed
+or multi-host run is the uninterrupted single-host one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from jaxmed.data import nifti
+from jaxmed.data import nifti, synthetic_vagan
 from jaxmed.data.split import train_val_split
 from jaxmed.data.transforms import pad_to_multiple
 from jaxmed.errors import InputDataError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class Volumes:
+    """Random access to prepared volumes of a list of files, each read by `read` on first
+    access and kept (`cache`, shared by the subsets of one study).
+
+    **Fields:** `paths`: the files; `shape`: every volume's `(*S, C)`; `read`: `path ->
+    float32 (*S, C)`; `cache`: `path -> array`.
+    """
+
+    paths: tuple[Path | None, ...]
+    shape: tuple[int, ...]
+    read: Callable[[Path | None], np.ndarray]
+    cache: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        path = self.paths[index]
+        if path not in self.cache:  # threads may read a file twice; both reads are equal
+            self.cache[path] = self.read(path)
+        return self.cache[path]
+
+    def subset(self, indices: Sequence[int]) -> Volumes:
+        """The volumes at `indices`, sharing this one's cache."""
+        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in indices))
+
+    def stack(self, rows: slice = slice(None)) -> np.ndarray:
+        """`(n, *S, C)`: the volumes at `rows`, read now if not yet."""
+        indices = range(len(self))[rows]
+        if not len(indices):
+            return np.zeros((0, *self.shape), np.float32)
+        return np.stack([self[i] for i in indices])
+
+    def load(self, rows: slice = slice(None)) -> None:
+        """Read the volumes at `rows` now (e.g. to find bad files before training starts)."""
+        for i in range(len(self))[rows]:
+            self[i]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-    """One side of the split. `images`: float32 `(N, *S, C)` in [-1, 1], padded so every
-    spatial length divides the U-Net's downsampling; `labels`: `(N,)`, 1 = positive;
-    `effects`: ground-truth key feature maps `(N, *S, 1)` (zeros for controls) or None when
-    the study has none; `subjects`: the files."""
+    """One side of the split. `subjects`: the files; `labels`: `(N,)`, 1 = positive; `images`:
+    their volumes, float32 `(*S, C)` in [-1, 1], padded so every spatial length divides the
+    U-Net's downsampling; `effects`: ground-truth key feature maps `(*S, 1)` (zeros for
+    subjects without one), or None when the study has none."""
 
-    images: np.ndarray
-    labels: np.ndarray
-    effects: np.ndarray | None
     subjects: tuple[nifti.Subject, ...]
+    labels: np.ndarray
+    images: Volumes
+    effects: Volumes | None
 
-    def group(self, label: int) -> np.ndarray:
-        return self.images[self.labels == label]
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def group(self, label: int) -> Volumes:
+        """The volumes of one group (`nifti.POSITIVE` or `nifti.NEGATIVE`)."""
+        return self.images.subset(np.flatnonzero(self.labels == label))
+
+    def arrays(self, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """`{'image': (n, *S, C), 'label': (n,)[, 'effect': (n, *S, 1)]}` of the subjects at
+        `rows`, e.g. this host's `jaxmed.training.host_share`; reads them now."""
+        out = {"image": self.images.stack(rows), "label": self.labels[rows]}
+        if self.effects is not None:
+            out["effect"] = self.effects.stack(rows)
+        return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Study:
     """Train and validation splits plus what is needed to write maps back.
 
-    `crop` undoes the padding (`jaxmed.data.transforms.crop_back`); `spatial_dims` is 2 when the files are
-    single-slice (Z = 1) volumes, which are then handled as 2-D images `(X, Y, C)`.
+    `crop` undoes the padding (one slice per spatial axis, `jaxmed.data.transforms.crop_back`);
+    `spatial_dims` is 2 when the files are single-slice (Z = 1) volumes, which are then handled
+    as 2-D images `(X, Y, C)`; `input_shape` is the padded `(*S, C)` the networks see;
+    `has_truth`: some subject has a ground-truth map.
     """
 
     train: Split
@@ -50,6 +109,16 @@ class Study:
     crop: tuple[slice, ...]
     spatial_dims: int
     channels: int
+    input_shape: tuple[int, ...]
+    has_truth: bool
+
+    def shapes(self) -> dict:
+        """The values of `config.json` that come from the data's shape."""
+        return dict(spatial_dims=self.spatial_dims, channels=self.channels,
+                    input_shape=list(self.input_shape))
+
+
+# ------------------------------------------------------------------------------ subjects
 
 
 def find_subjects(positive_dir: str | None, negative_dir: str | None,
@@ -57,40 +126,67 @@ def find_subjects(positive_dir: str | None, negative_dir: str | None,
     """Subjects from a CSV manifest or from the two group folders (exactly one of the two)."""
     if manifest:
         if positive_dir or negative_dir:
-            raise InputDataError(f"{manifest}: give either a manifest or the two group folders, not both")
+            raise InputDataError(
+                f"{manifest}: give either a manifest or the two group folders, not both")
         return nifti.read_manifest(manifest)
     if not (positive_dir and negative_dir):
         raise InputDataError("need both --positive-dir and --negative-dir (or --manifest)")
     return nifti.discover_groups(positive_dir, negative_dir)
 
 
-def load_study(subjects: Sequence[nifti.Subject], *, downsampling: int, val_fraction: float = 0.2,
-               seed: int = 0, normalisation: str = "minmax",
-               percentiles: tuple[float, float] = (1.0, 99.0)) -> Study:
-    """Reads, normalises to [-1, 1], pads and splits (stratified, seeded) all subjects.
+def synthetic_subjects(folder: str | Path, *, dims: int, n_subjects: int, seed: int,
+                       size: int) -> list[nifti.Subject]:
+    """The synthetic VA-GAN study in `folder` (`jaxmed.data.synthetic_vagan.write_dataset`),
+    written once by process 0 while the other processes wait (reused when complete)."""
+    if jax.process_index() == 0:
+        synthetic_vagan.write_dataset(folder, dims=dims, n_subjects=n_subjects, seed=seed,
+                                      size=size)
+    multihost_utils.sync_global_devices("mapping_gan: synthetic study written")
+    return nifti.read_manifest(Path(folder) / "manifest.csv")
 
-    **Raises:** `InputDataError` naming the file for unreadable files, NaN/inf voxels, constant
-    volumes, shapes that differ between subjects, or a group without members.
+
+# ------------------------------------------------------------------------------- study
+
+
+def load_study(subjects: Sequence[nifti.Subject], *, downsampling: int,
+               val_fraction: float = 0.2, seed: int = 0, normalisation: str = "minmax",
+               percentiles: tuple[float, float] = (1.0, 99.0)) -> Study:
+    """Checks the subjects' shapes (from the headers) and splits them (stratified, seeded);
+    their volumes are read, normalised to [-1, 1] and padded when first used.
+
+    **Raises:** `InputDataError` naming the file for unreadable headers or shapes that differ
+    between subjects, and for a group without members or without a validation subject;
+    reading a volume raises it for NaN/inf voxels, constant volumes or unreadable data.
     """
     for label, name in ((nifti.POSITIVE, "positive"), (nifti.NEGATIVE, "negative")):
         if not any(s.label == label for s in subjects):
             raise InputDataError(f"the {name} group is empty: nothing to learn the mapping from")
     x, y, z, channels = nifti.check_shapes(subjects)
     spatial_dims = 2 if z == 1 else 3
-    images = np.stack([_prepared(nifti.read_normalised(s.path, normalisation, percentiles).data,
-                                 spatial_dims) for s in subjects])
-    effects = _effects(subjects, spatial_dims)
-    padded, crop = _pad(images, downsampling)
-    if effects is not None:
-        effects, _ = _pad(effects, downsampling, mode="constant")
+    spatial = (x, y) if spatial_dims == 2 else (x, y, z)
+    # The padding of one volume of the study's shape: every volume is padded alike.
+    padded, crop = pad_to_multiple(np.zeros((*spatial, channels), np.float32), downsampling)
+    input_shape = padded.shape
+    read_image = functools.partial(_read_image, spatial_dims=spatial_dims, multiple=downsampling,
+                                   normalisation=normalisation, percentiles=tuple(percentiles))
+    read_effect = functools.partial(_read_effect, shape=spatial, spatial_dims=spatial_dims,
+                                    multiple=downsampling)
+    images = Volumes(tuple(s.path for s in subjects), input_shape, read_image)
+    effects = Volumes(tuple(s.effect_path for s in subjects), (*input_shape[:-1], 1), read_effect)
+    has_truth = any(s.effect_path for s in subjects)
     labels = np.array([s.label for s in subjects], np.int32)
     train_idx, val_idx = train_val_split(len(labels), val_fraction, seed, labels=labels)
+    for label, name in ((nifti.POSITIVE, "positive"), (nifti.NEGATIVE, "negative")):
+        if not (labels[val_idx] == label).any():
+            raise InputDataError(f"no {name} subject is held out for validation: each group "
+                                 "needs at least 2 subjects and --val-fraction above 0")
 
     def split(idx):
-        return Split(padded[idx], labels[idx], None if effects is None else effects[idx],
-                     tuple(subjects[i] for i in idx))
+        return Split(tuple(subjects[i] for i in idx), labels[idx], images.subset(idx),
+                     effects.subset(idx) if has_truth else None)
 
-    return Study(split(train_idx), split(val_idx), crop, spatial_dims, channels)
+    return Study(split(train_idx), split(val_idx), crop[:-1], spatial_dims, channels,
+                 input_shape, has_truth)
 
 
 def _prepared(data: np.ndarray, spatial_dims: int) -> np.ndarray:
@@ -98,26 +194,22 @@ def _prepared(data: np.ndarray, spatial_dims: int) -> np.ndarray:
     return data[:, :, 0, :] if spatial_dims == 2 else data
 
 
-def _effects(subjects: Sequence[nifti.Subject], spatial_dims: int) -> np.ndarray | None:
-    """Ground-truth maps `(N, *S, 1)`; zeros for subjects without one (controls); None when no
-    subject of the study has one."""
-    if not any(s.effect_path for s in subjects):
-        return None
-    shape = None
-    maps = []
-    for s in subjects:
-        if s.effect_path is None:
-            maps.append(None)
-            continue
-        data = _prepared(nifti.read_volume(s.effect_path, allow_constant=True).data, spatial_dims)
-        maps.append(data[..., :1])
-        shape = data[..., :1].shape
-    return np.stack([np.zeros(shape, np.float32) if m is None else m for m in maps])
+def _read_image(path: Path, *, spatial_dims: int, multiple: int, normalisation: str,
+                percentiles: tuple[float, float]) -> np.ndarray:
+    """One subject's volume in [-1, 1], edge-padded to `multiple`."""
+    data = _prepared(nifti.read_normalised(path, normalisation, percentiles).data, spatial_dims)
+    return pad_to_multiple(data, multiple, mode="edge")[0]
 
 
-def _pad(batch: np.ndarray, multiple: int, mode: str = "edge") -> tuple[np.ndarray, tuple[slice, ...]]:
-    padded, crop = pad_to_multiple(batch, multiple, spatial_axes=range(1, batch.ndim - 1), mode=mode)
-    return padded, crop[1:-1]  # spatial axes only
+def _read_effect(path: Path | None, *, shape: tuple[int, ...], spatial_dims: int,
+                 multiple: int) -> np.ndarray:
+    """One subject's ground-truth map `(*S, 1)`, zero-padded to `multiple`; zeros for a subject
+    without one (a control)."""
+    if path is None:
+        data = np.zeros((*shape, 1), np.float32)
+    else:
+        data = _prepared(nifti.read_volume(path, allow_constant=True).data, spatial_dims)[..., :1]
+    return pad_to_multiple(data, multiple, mode="constant")[0]
 
 
 # ------------------------------------------------------------------------------ batches
@@ -132,18 +224,22 @@ def critic_updates(generator_step: int, *, n_critic: int = 5, n_critic_warmup: i
     return n_critic_warmup if warm else n_critic
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class StepBatches:
     """Random-access source of per-step batches: element `s` is this host's rows of step s.
 
     Each step needs `k = critic_updates(s)` critic minibatches and one generator minibatch:
     `{'negative': (b, k, *S, C), 'positive': (b, k + 1, *S, C)}` where b is this host's share
     of the global batch (the critic's k minibatches and the generator's are drawn
-    independently, with replacement across steps, without within a minibatch).
+    independently, with replacement across steps, without within a minibatch). Every host
+    draws the same global batch and reads only the volumes of its own rows.
+
+    **Fields:** `positives`, `negatives`: random-access volumes `(*S, C)` of each group
+    (`Volumes` or arrays); `global_batch_size`; `seed`; `schedule`: `critic_updates`' options.
     """
 
-    positives: np.ndarray
-    negatives: np.ndarray
+    positives: Volumes | np.ndarray
+    negatives: Volumes | np.ndarray
     global_batch_size: int
     seed: int
     schedule: dict
@@ -154,17 +250,25 @@ class StepBatches:
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         k = critic_updates(step, **self.schedule)
         rng = np.random.default_rng([self.seed, step])
-        negative = _draw(rng, self.negatives, k, self.global_batch_size)
-        positive = _draw(rng, self.positives, k + 1, self.global_batch_size)
+        negative = _draw(rng, len(self.negatives), k, self.global_batch_size)
+        positive = _draw(rng, len(self.positives), k + 1, self.global_batch_size)
         rows = _host_rows(self.global_batch_size)
-        return {"negative": negative[rows], "positive": positive[rows]}
+        return {"negative": _gather(self.negatives, negative[rows]),
+                "positive": _gather(self.positives, positive[rows])}
 
 
-def _draw(rng: np.random.Generator, group: np.ndarray, minibatches: int, batch: int) -> np.ndarray:
-    """(batch, minibatches, *S, C): each minibatch without replacement (if the group allows)."""
-    replace = batch > len(group)
-    idx = np.stack([rng.choice(len(group), batch, replace=replace) for _ in range(minibatches)], 1)
-    return group[idx]
+def _draw(rng: np.random.Generator, group_size: int, minibatches: int, batch: int) -> np.ndarray:
+    """Indices `(batch, minibatches)`: each minibatch without replacement (if the group
+    allows)."""
+    replace = batch > group_size
+    return np.stack([rng.choice(group_size, batch, replace=replace)
+                     for _ in range(minibatches)], 1)
+
+
+def _gather(group: Volumes | np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """`group[indices]`: `(*indices.shape, *S, C)`."""
+    volumes = [group[int(i)] for i in indices.ravel()]
+    return np.stack(volumes).reshape(*indices.shape, *volumes[0].shape)
 
 
 def _host_rows(global_batch: int) -> slice:
@@ -179,16 +283,9 @@ def step_batches(split: Split, global_batch_size: int, seed: int, **schedule) ->
     """Checkpointable stream of `StepBatches` elements, starting at step 0."""
     source = StepBatches(split.group(nifti.POSITIVE), split.group(nifti.NEGATIVE),
                          global_batch_size, seed, schedule)
-    return grain.MapDataset.source(source).to_iter_dataset()
-
-
-def validation_arrays(split: Split, max_subjects: int | None = None) -> dict[str, np.ndarray]:
-    """Validation positives (with their ground truth if any) and negatives."""
-    pos = split.labels == nifti.POSITIVE
-    out = {"positive": split.images[pos][:max_subjects], "negative": split.group(nifti.NEGATIVE)[:max_subjects]}
-    if split.effects is not None:
-        out["effect"] = split.effects[pos][:max_subjects]
-    return out
+    # Element s is a pure function of s, so how far ahead it is read changes nothing.
+    options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
+    return grain.MapDataset.source(source).to_iter_dataset(options)
 
 
 def subject_names(subjects: Sequence[nifti.Subject]) -> list[str]:

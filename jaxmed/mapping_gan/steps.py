@@ -1,19 +1,25 @@
-"""The mapping GAN's fused training step and its validation.
+"""The mapping GAN as a system: its state, its fused training step and its validation step.
 
 One jitted step runs all critic updates of a generator step (a `lax.scan`, unrolled by
-default) followed by the generator update, on a batch that carries the data for all of them (see
-`jaxmed.mapping_gan.data.StepBatches`).
+default) followed by the generator update, on a batch that carries the data for all of them
+(see `jaxmed.mapping_gan.data.StepBatches`). Validation returns per-subject outputs
+(`MappingGan.eval_step`, run by `jaxmed.training.evaluate`) that `validation_metrics` reduces
+on the host. The losses and the schedule are described in `docs/mapping_gan.md`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxmed import losses
+from jaxmed.data import nifti
 from jaxmed.metrics import ncc
 from jaxmed.models.mapping_gan import Critic, UNet, mapped
 from jaxmed.training import TrainState
@@ -56,17 +62,20 @@ class GanConfig:
 
     def __post_init__(self):
         if self.lipschitz not in ("gradient-penalty", "clip"):
-            raise ValueError(f"lipschitz must be 'gradient-penalty' or 'clip', got {self.lipschitz!r}")
+            raise ValueError("lipschitz must be 'gradient-penalty' or 'clip', "
+                             f"got {self.lipschitz!r}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.decay_end is not None and not 0 <= self.decay_start < self.decay_end:
-            raise ValueError(f"need 0 <= decay_start < decay_end, got {self.decay_start}, {self.decay_end}")
+            raise ValueError("need 0 <= decay_start < decay_end, "
+                             f"got {self.decay_start}, {self.decay_end}")
 
     def rate(self, step: jax.Array | int) -> jax.Array:
         """The learning rate at generator step `step`."""
         if self.decay_end is None:
             return jnp.asarray(self.learning_rate, jnp.float32)
-        left = (self.decay_end - jnp.asarray(step, jnp.float32)) / (self.decay_end - self.decay_start)
+        left = ((self.decay_end - jnp.asarray(step, jnp.float32))
+                / (self.decay_end - self.decay_start))
         return self.learning_rate * jnp.clip(left, 0.0, 1.0)
 
     def ema_decay(self, step: jax.Array | int) -> jax.Array:
@@ -87,6 +96,13 @@ class MappingGan:
     generator: UNet
     critic: Critic
     config: GanConfig
+    input_shape: tuple[int, ...]
+    """`(*S, C)` of one (padded) input volume; the critic's head depends on it."""
+    seed: int = 0
+    """Seed of the initial parameters and of the steps' random numbers."""
+    crop: tuple[tuple[int, int], ...] = ()
+    """`(start, stop)` per spatial axis: where the data lies inside the padded input;
+    validation NCC is taken there (empty: the whole input)."""
     unroll_critic: int | bool = 5
     """Critic updates per iteration of the step's `lax.scan` (True: all, no loop). XLA:CPU runs
     convolutions inside a loop up to 8x slower, and compiles unrolled updates slowly (k = 25
@@ -95,9 +111,10 @@ class MappingGan:
 
     # ------------------------------------------------------------------ state
 
-    def init_state(self, example: jax.Array, seed: int) -> TrainState:
-        """A step-0 state for inputs shaped like `example` `(B, *S, C)` (jit-compatible)."""
-        key = jax.random.key_data(jax.random.key(seed))
+    def init_state(self) -> TrainState:
+        """A step-0 state for inputs of `input_shape` (jit-compatible)."""
+        example = jnp.zeros((1, *self.input_shape), jnp.float32)
+        key = jax.random.key_data(jax.random.key(self.seed))
         g_key, d_key, rng = jax.random.split(jax.random.wrap_key_data(key), 3)
         g_vars = self.generator.init(g_key, example)
         d_vars = self.critic.init(d_key, example)
@@ -156,7 +173,8 @@ class MappingGan:
         # up front, each with its own BatchNorm statistics (their updates are discarded: only
         # the generator update keeps them). Separate calls, not one vmap over k: XLA:CPU runs
         # the vmapped 3-D U-Net 2x slower (655 vs 334 ms for k = 5 at 4x32^3).
-        fakes = jnp.stack([mapped(pos, self.key_feature_map(state, pos, train=True)[0]) for pos in positive[:-1]])
+        fakes = jnp.stack([mapped(pos, self.key_feature_map(state, pos, train=True)[0])
+                           for pos in positive[:-1]])
         fakes = jax.lax.stop_gradient(fakes)  # [k, B, *S, C]
         critic_stats = state.batch_stats["critic"]
 
@@ -175,16 +193,18 @@ class MappingGan:
         # (`unroll_critic`): XLA:CPU runs convolutions inside a while loop up to 8x slower than
         # the same ones in straight-line code (3.1 s vs 0.40 s for 5 updates at 4x32^3).
         (critic, critic_opt), critic_parts = jax.lax.scan(
-            critic_update, (state.params["critic"], state.opt_state["critic"]), (negative, fakes, keys),
-            unroll=self.unroll_critic)
+            critic_update, (state.params["critic"], state.opt_state["critic"]),
+            (negative, fakes, keys), unroll=self.unroll_critic)
         state = state.replace(params={**state.params, "critic": critic},
                               opt_state={**state.opt_state, "critic": critic_opt})
-        (g_loss, (g_parts, g_stats)), g_grads = jax.value_and_grad(self._generator_loss, has_aux=True)(
+        generator_objective = jax.value_and_grad(self._generator_loss, has_aux=True)
+        (g_loss, (g_parts, g_stats)), g_grads = generator_objective(
             state.params["generator"], state, positive[-1])
         state = state.apply_gradients(tx, g_grads, network="generator")
         state = state.replace(batch_stats={**state.batch_stats, "generator": g_stats})
         state = self.average_generator(state)
-        metrics = {"loss": g_loss, "learning_rate": self.config.rate(state.step), **{f"generator_{k}": v for k, v in g_parts.items()},
+        metrics = {"loss": g_loss, "learning_rate": self.config.rate(state.step),
+                   **{f"generator_{k}": v for k, v in g_parts.items()},
                    **{k: v[-1] for k, v in critic_parts.items()}}
         return state, metrics
 
@@ -215,80 +235,79 @@ class MappingGan:
         loss, parts = losses.generator_loss(score(mapped(positive, m)), m, self.config.l1_weight)
         return loss, (parts, updates["batch_stats"])
 
+
     # ------------------------------------------------------------- validation
 
-    def validation_sums(self, state: TrainState, data: dict[str, jax.Array],
-                        crop: tuple[slice, ...] = ()) -> dict[str, jax.Array]:
-        """Per-group sums over the subjects in `data` (either group may be absent), so that
-        chunks of different sizes and unequal groups combine exactly (`combine_validation`).
+    def eval_step(self, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-subject validation outputs (for `jaxmed.training.evaluate`).
 
-        `positive` (and `effect`): Σ D(x + M(x)), Σ mean|M(x)| and, with ground truth, Σ NCC
-        of M(x) (channels summed, padding cropped) against the one-channel ground truth.
-        `negative`: Σ D(x).
+        **Arguments:** `batch = {'image': (B, *S, C), 'label': (B,)}` (1 = positive), with
+        `'effect': (B, *S, 1)`, the ground-truth maps, when the study has them.
+
+        **Returns:** `critic_score` `(B,)`: D(x + M(x)) of a positive, D(x) of a negative (the
+        critic sees what the mapping makes of each group); `l1` `(B,)`: mean |M(x)|; with
+        ground truth `ncc` `(B,)`: NCC of M(x) (channels summed) against it inside `crop`;
+        `label`, passed through. `validation_metrics` reduces them.
         """
+        x, label = batch["image"], batch["label"]
+        m = self.key_feature_map(state, x)  # M(x): [B, *S, C]
+        is_positive = (label == nifti.POSITIVE).reshape(-1, *(1,) * (x.ndim - 1))
         score = self._critic_fn(state.params["critic"], state.batch_stats["critic"], train=False)
-        out = {}
-        if "negative" in data:
-            out["negative_score"] = jnp.sum(score(data["negative"]))
-        if "positive" in data:
-            positive = data["positive"]
-            m = self.key_feature_map(state, positive)
-            per_subject = tuple(range(1, m.ndim))
-            out["mapped_score"] = jnp.sum(score(mapped(positive, m)))
-            out["l1"] = jnp.sum(jnp.mean(jnp.abs(m), axis=per_subject))
-            if "effect" in data:
-                m_c, gt = m[(Ellipsis, *crop, slice(None))], data["effect"][(Ellipsis, *crop, slice(None))]
-                out["ncc"] = jnp.sum(ncc(jnp.sum(m_c, -1), gt[..., 0], axis=tuple(range(1, gt.ndim - 1))))
+        out = {"critic_score": score(jnp.where(is_positive, mapped(x, m), x)),
+               "l1": jnp.mean(jnp.abs(m), axis=tuple(range(1, m.ndim))), "label": label}
+        if "effect" in batch:
+            region = (Ellipsis, *(slice(start, stop) for start, stop in self.crop), slice(None))
+            m_c, truth = m[region], batch["effect"][region]  # [B, *S', C], [B, *S', 1]
+            spatial = tuple(range(1, truth.ndim - 1))
+            out["ncc"] = ncc(jnp.sum(m_c, -1), truth[..., 0], axis=spatial)
         return out
 
-    def validation_metrics(self, state: TrainState, data: dict[str, jax.Array],
-                           crop: tuple[slice, ...] = ()) -> dict[str, jax.Array]:
-        """Validation Wasserstein estimate, mean |M(x)| and, with ground truth, mean NCC of M(x)."""
-        sums = self.validation_sums(state, data, crop)
-        return combine_validation(sums, len(data["positive"]), len(data["negative"]))
 
+def validation_metrics(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """The validation metrics from `MappingGan.eval_step`'s outputs over all subjects:
+    `val_wasserstein = mean_neg D(x) - mean_pos D(x + M(x))`, `val_l1` = mean over positives
+    of mean |M(x)| and, with ground truth, `val_ncc` = mean over positives of the NCC."""
+    positive = outputs["label"] == nifti.POSITIVE
 
-def combine_validation(sums: dict, positives: int, negatives: int) -> dict:
-    """Means from `MappingGan.validation_sums` totals over `positives` and `negatives` subjects."""
-    out = {"val_wasserstein": sums["negative_score"] / negatives - sums["mapped_score"] / positives,
-           "val_l1": sums["l1"] / positives}
-    if "ncc" in sums:
-        out["val_ncc"] = sums["ncc"] / positives
-    return out
+    def mean(name: str, rows: np.ndarray) -> float:
+        return float(np.mean(outputs[name][rows], dtype=np.float64))
+
+    metrics = {"val_wasserstein": mean("critic_score", ~positive) - mean("critic_score", positive),
+               "val_l1": mean("l1", positive)}
+    if "ncc" in outputs:
+        metrics["val_ncc"] = mean("ncc", positive)
+    return metrics
 
 
 # ----------------------------------------------------------------- configuration
 
 
-def build_mapping_gan(config: dict) -> MappingGan:
-    """The networks and step from a run's saved configuration (see `train/mapping_gan.py`)."""
+def _norm(name: str | None) -> str | None:
+    return None if name in (None, "none") else name
+
+
+def build_mapping_gan(config: Mapping[str, Any], crop: Sequence[slice] = ()) -> MappingGan:
+    """The networks and steps from a run's configuration: `MappingGanConfig.to_dict()` with
+    the values derived from the data (`input_shape`, `lr_decay_start`/`_end`), as in
+    `config.json`. `crop`: the data's region inside the padded input (`Study.crop`), where
+    validation NCC is taken; the whole input by default."""
     dtype = jnp.dtype(config["dtype"])
-    generator = UNet(features=tuple(config["generator_features"]), norm=config["generator_norm"], dtype=dtype)
+    generator = UNet(features=tuple(config["generator_features"]),
+                     norm=_norm(config["generator_norm"]), dtype=dtype)
     critic = Critic(kind=config["critic"], widths=tuple(config["critic_widths"]),
                     growth_rate=config["critic_growth"], layers_per_block=config["critic_layers"],
-                    norm=config["critic_norm"], reduced_channels=config["critic_pooling_channels"],
+                    norm=_norm(config["critic_norm"]),
+                    reduced_channels=config["critic_pooling_channels"],
                     head_features=config["critic_head"], tt_rank=config["tt_rank"], dtype=dtype)
     gan_config = GanConfig(l1_weight=config["l1_weight"], lipschitz=config["lipschitz"],
                            gp_weight=config["gp_weight"], clip=config["clip"],
                            learning_rate=config["learning_rate"],
-                           decay_start=config.get("lr_decay_start", 0), decay_end=config.get("lr_decay_end"),
+                           decay_start=config.get("lr_decay_start", 0),
+                           decay_end=config.get("lr_decay_end"),
                            ema=config.get("generator_ema", 0.0))
-    return MappingGan(generator, critic, gan_config, unroll_critic=config.get("n_critic", 5))
-
-
-def chunked_validation(gan: MappingGan, data: dict, crop: tuple[slice, ...], chunk: int):
-    """`state -> metrics` over all validation subjects, each group in chunks of at most `chunk`
-    subjects (one jitted call each), so memory stays bounded for large validation sets."""
-    sums_fn = jax.jit(lambda state, part: gan.validation_sums(state, part, crop))
-    groups = {"positive": [k for k in ("positive", "effect") if k in data], "negative": ["negative"]}
-    counts = {g: len(data[g]) for g in groups}
-
-    def evaluate(state):
-        totals = {}
-        for group, keys in groups.items():
-            for s in range(0, counts[group], chunk):
-                for name, value in sums_fn(state, {k: data[k][s:s + chunk] for k in keys}).items():
-                    totals[name] = totals.get(name, 0.0) + value
-        return combine_validation(totals, counts["positive"], counts["negative"])
-
-    return evaluate
+    input_shape = tuple(config["input_shape"])
+    region = tuple((s.start or 0, n if s.stop is None else s.stop)
+                   for s, n in zip(crop, input_shape))
+    return MappingGan(generator, critic, gan_config, input_shape=input_shape,
+                      seed=config["seed"], crop=region,
+                      unroll_critic=config.get("n_critic", 5))

@@ -5,7 +5,9 @@
   `apply` + optax Adam, a Python loop instead of the step's `lax.scan`), and every critic
   parameter ends inside ±clip.
 - `critic_updates` (the VA-GAN schedule) and `StepBatches` (per-step batches, deterministic).
-- `validation_metrics`: NCC against a NumPy Pearson correlation of the cropped maps.
+- `eval_step` through `jaxmed.training.evaluate` and `validation_metrics`: NCC against a NumPy
+  Pearson correlation of the cropped maps, the Wasserstein estimate against the critic's
+  scores of each group, in batches that split the groups unevenly and need padding.
 
 States are filled from NumPy (no initialiser compiles); the program tests cover the real
 initialisation.
@@ -20,15 +22,16 @@ import optax
 import pytest
 
 from jaxmed.mapping_gan import data
-from jaxmed.mapping_gan.steps import GanConfig, build_mapping_gan, chunked_validation
-from jaxmed.training import TrainState
+from jaxmed.mapping_gan.config import MappingGanConfig
+from jaxmed.mapping_gan.steps import GanConfig, build_mapping_gan, validation_metrics
+from jaxmed.training import TrainState, evaluate
 
-# The program's options, tiny (as `python -m train.mapping_gan` would save them in config.json).
-CONFIG = dict(generator_features=(4, 8), generator_norm="batch", critic="tt", critic_widths=(4, 8),
-              critic_growth=4, critic_layers=1, critic_norm="layer", critic_pooling_channels=4,
-              critic_head=4, tt_rank=2, dtype="float32", l1_weight=100.0, lipschitz="gradient-penalty",
-              gp_weight=10.0, clip=0.01, learning_rate=1e-3)
 SHAPE = (8, 8, 8, 1)  # one volume (X, Y, Z, C)
+# The program's options, tiny (as `python -m train.mapping_gan` would save them in config.json).
+CONFIG = {**MappingGanConfig(generator_features=(4, 8), critic_widths=(4, 8), critic_growth=4,
+                             critic_layers=1, critic_pooling_channels=4, critic_head=4, tt_rank=2,
+                             generator_ema=0.0, lr_decay=0.0).to_dict(),
+          "input_shape": SHAPE}
 K, B = 2, 2  # critic updates per step, batch size
 
 
@@ -45,7 +48,8 @@ def _state(gan, example, seed=0) -> TrainState:
             return jnp.zeros(leaf.shape, leaf.dtype)
         if name == "bias":
             return jnp.asarray(0.1 * rng.normal(size=leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(max(np.prod(leaf.shape[:-1]), 1)), leaf.dtype)
+        fan_in = max(np.prod(leaf.shape[:-1]), 1)
+        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), leaf.dtype)
 
     key = jax.random.key(0)
     g = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(gan.generator.init, key, example))
@@ -55,8 +59,10 @@ def _state(gan, example, seed=0) -> TrainState:
     if gan.config.ema:  # as init_state: the average starts at the initial generator
         params["generator_ema"] = g["params"]
     return TrainState.create(params=params,
-                             tx={"generator": tx, "critic": tx}, rng=jax.random.key_data(jax.random.key(seed)),
-                             batch_stats={"generator": g["batch_stats"], "critic": d.get("batch_stats", {})})
+                             tx={"generator": tx, "critic": tx},
+                             rng=jax.random.key_data(jax.random.key(seed)),
+                             batch_stats={"generator": g["batch_stats"],
+                                          "critic": d.get("batch_stats", {})})
 
 
 def _batch(k=K, seed=1):
@@ -71,11 +77,13 @@ def _adam_counts(state) -> dict[str, int]:
 
 
 def _flat(tree) -> dict[str, jax.Array]:
-    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
 def _leaves_changed(before, after) -> list[bool]:
-    return [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))]
+    pairs = zip(jax.tree.leaves(before), jax.tree.leaves(after))
+    return [not np.array_equal(a, b) for a, b in pairs]
 
 
 # --------------------------------------------------------------------------- the fused step
@@ -94,14 +102,16 @@ def test_gradient_penalty_step_updates_both_networks_under_jit():
     after = _flat(new.params["critic"])
     assert [k for k, v in weights.items() if np.array_equal(v, after[k])] == []
     assert all(_leaves_changed(state.batch_stats["generator"], new.batch_stats["generator"]))
-    assert _adam_counts(new) == {"generator": 1, "critic": K}  # k critic updates, one generator update
+    # k critic updates, one generator update
+    assert _adam_counts(new) == {"generator": 1, "critic": K}
     assert int(new.step) == 0  # the training loop advances it
 
     metrics = {k: float(v) for k, v in metrics.items()}
     assert {"loss", "critic_loss", "wasserstein", "gradient_penalty"} <= metrics.keys()
     assert all(np.isfinite(v) for v in metrics.values()), metrics
     assert metrics["gradient_penalty"] > 0
-    np.testing.assert_allclose(metrics["critic_loss"], -metrics["wasserstein"] + metrics["gradient_penalty"],
+    np.testing.assert_allclose(metrics["critic_loss"],
+                               -metrics["wasserstein"] + metrics["gradient_penalty"],
                                rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"], metrics["generator_adversarial"]
                                + CONFIG["l1_weight"] * metrics["generator_l1"], rtol=1e-5)
@@ -134,7 +144,8 @@ def _reference_step(gan, state, batch, k):
             return jnp.mean(score(fake)) - jnp.mean(score(negative))
 
         updates, d_opt = tx.update(jax.grad(critic_loss)(d_params), d_opt, d_params)
-        d_params = jax.tree.map(lambda p, u: jnp.clip(p + u, -cfg.clip, cfg.clip), d_params, updates)
+        d_params = jax.tree.map(lambda p, u: jnp.clip(p + u, -cfg.clip, cfg.clip), d_params,
+                                updates)
         history.append(d_params)
 
     positive = batch["positive"][:, k]
@@ -146,7 +157,8 @@ def _reference_step(gan, state, batch, k):
 
     (loss, stats), grads = jax.value_and_grad(generator_loss, has_aux=True)(g_params)
     updates, _ = tx.update(grads, state.opt_state["generator"], g_params)
-    return dict(generator=optax.apply_updates(g_params, updates), critic=d_params, stats=stats, loss=loss,
+    return dict(generator=optax.apply_updates(g_params, updates), critic=d_params, stats=stats,
+                loss=loss,
                 critic_after_first=history[0])
 
 
@@ -155,8 +167,10 @@ def _assert_trees_close(got, expected, what):
     # maps the k minibatches in one batched call, the reference one by one) can move a
     # parameter by a few % of the learning rate; a wrong update moves it by about the rate.
     atol = 0.05 * CONFIG["learning_rate"]
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=f"{what}{jax.tree_util.keystr(path)}")
+    pairs = zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected))
+    for (path, a), b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol,
+                                   err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
 def test_clip_step_is_k_critic_updates_then_a_generator_update():
@@ -179,7 +193,8 @@ def test_clip_step_is_k_critic_updates_then_a_generator_update():
     bound = np.float32(clip)  # the parameters' dtype
     assert all(p.max() <= bound for p in leaves)
     assert sum(int((p == bound).sum()) for p in leaves) > 10  # clipping was active
-    assert {"loss", "critic_loss", "wasserstein"} <= metrics.keys() and "gradient_penalty" not in metrics
+    assert {"loss", "critic_loss", "wasserstein"} <= metrics.keys()
+    assert "gradient_penalty" not in metrics
     np.testing.assert_allclose(metrics["critic_loss"], -metrics["wasserstein"], rtol=1e-6)
 
 
@@ -188,7 +203,8 @@ def test_clip_step_is_k_critic_updates_then_a_generator_update():
 
 def test_critic_updates_schedule():
     # VA-GAN defaults: 100 during the first 25 generator steps and every 100th, else 5.
-    expected = {0: 100, 1: 100, 24: 100, 25: 5, 26: 5, 99: 5, 100: 100, 101: 5, 150: 5, 200: 100, 1000: 100}
+    expected = {0: 100, 1: 100, 24: 100, 25: 5, 26: 5, 99: 5, 100: 100, 101: 5, 150: 5, 200: 100,
+                1000: 100}
     for step, k in expected.items():
         assert data.critic_updates(step) == k, step
     schedule = dict(n_critic=3, n_critic_warmup=7, warmup_steps=2, warmup_every=10)
@@ -220,7 +236,8 @@ def test_step_batches_shapes_groups_and_determinism():
     batches = data.StepBatches(pos, neg, 3, seed=5, schedule=SCHEDULE)
     warm, normal = batches[0], batches[7]
     assert warm["negative"].shape == (3, 4, 4, 4, 1) and warm["positive"].shape == (3, 5, 4, 4, 1)
-    assert normal["negative"].shape == (3, 2, 4, 4, 1) and normal["positive"].shape == (3, 3, 4, 4, 1)
+    assert normal["negative"].shape == (3, 2, 4, 4, 1)
+    assert normal["positive"].shape == (3, 3, 4, 4, 1)
 
     for step in (0, 7):
         again = data.StepBatches(pos.copy(), neg.copy(), 3, seed=5, schedule=SCHEDULE)[step]
@@ -243,10 +260,13 @@ def test_step_batches_shapes_groups_and_determinism():
 def test_step_batches_larger_than_a_group_and_the_grain_stream():
     pos, neg = _groups(n_pos=2, n_neg=2)
     batch = data.StepBatches(pos, neg, 5, seed=0, schedule=SCHEDULE)[3]  # with replacement
-    assert batch["negative"].shape == (5, 2, 4, 4, 1) and batch["positive"].shape == (5, 3, 4, 4, 1)
+    assert batch["negative"].shape == (5, 2, 4, 4, 1)
+    assert batch["positive"].shape == (5, 3, 4, 4, 1)
 
     pos, neg = _groups()
-    split = data.Split(np.concatenate([pos, neg]), np.array([1] * 6 + [0] * 5), None, ())
+    volumes = np.concatenate([pos, neg])
+    images = data.Volumes(tuple(range(11)), (4, 4, 1), lambda i: volumes[i])
+    split = data.Split((), np.array([1] * 6 + [0] * 5), images, None)
     source = data.StepBatches(pos, neg, 3, seed=5, schedule=SCHEDULE)
     stream = iter(data.step_batches(split, 3, 5, **SCHEDULE))
     for step in range(3):
@@ -269,52 +289,65 @@ def _pearson(a, b):
 
 
 def _validation_set(gan, shape, positives, negatives, seed):
-    """A state for inputs `shape` and random validation data: positives, negatives, one-channel effects."""
+    """A state for inputs `shape` and random validation subjects, negatives and positives
+    interleaved: `{'image', 'label', 'effect'}` (one-channel effects, zero for negatives)."""
     state = _state(gan, jnp.zeros((1, *shape)), seed=seed)
     rng = np.random.default_rng(seed + 1)
-    val = {"positive": rng.uniform(-1, 1, (positives, *shape)).astype(np.float32),
-           "negative": rng.uniform(-1, 1, (negatives, *shape)).astype(np.float32),
-           "effect": rng.normal(size=(positives, *shape[:-1], 1)).astype(np.float32)}
-    return state, val
+    count = positives + negatives
+    label = np.zeros(count, np.int32)
+    label[rng.permutation(count)[:positives]] = 1
+    effect = rng.normal(size=(count, *shape[:-1], 1)).astype(np.float32)
+    local = {"image": rng.uniform(-1, 1, (count, *shape)).astype(np.float32), "label": label,
+             "effect": np.where(label[:, None, None, None] == 1, effect, 0.0)}
+    return state, local
+
+
+def _critic_scores(gan, state, volumes):
+    return np.asarray(jax.jit(gan.critic.apply)({"params": state.params["critic"]}, volumes))
 
 
 def test_validation_ncc_is_pearson_on_the_cropped_maps():
     """2-D, two channels: M's channels are summed, padding cropped, NCC averaged per subject."""
-    gan = build_mapping_gan(CONFIG)
-    state, val = _validation_set(gan, (8, 8, 2), positives=3, negatives=3, seed=3)
     crop = (slice(1, 7), slice(2, 8))
-    metrics = jax.jit(lambda s, d: gan.validation_metrics(s, d, crop))(state, val)
+    gan = build_mapping_gan({**CONFIG, "input_shape": (8, 8, 2)}, crop=crop)
+    assert gan.crop == ((1, 7), (2, 8))
+    state, val = _validation_set(gan, (8, 8, 2), positives=3, negatives=3, seed=3)
+    outputs = evaluate(gan.eval_step, state, val, count=6, batch_size=4)  # 4 + 2 (padded)
+    metrics = validation_metrics(outputs)
+    np.testing.assert_array_equal(outputs["index"], np.arange(6))
+    np.testing.assert_array_equal(outputs["label"], val["label"])
 
     variables = {"params": state.params["generator"], "batch_stats": state.batch_stats["generator"]}
-    m = np.asarray(jax.jit(gan.generator.apply)(variables, val["positive"]))  # inference mode
-    scores = [_pearson(m[i, 1:7, 2:8].sum(-1), val["effect"][i, 1:7, 2:8, 0]) for i in range(3)]
+    m = np.asarray(jax.jit(gan.generator.apply)(variables, val["image"]))  # inference mode
+    pos = np.flatnonzero(val["label"] == 1)
+    scores = [_pearson(m[i, 1:7, 2:8].sum(-1), val["effect"][i, 1:7, 2:8, 0]) for i in pos]
+    np.testing.assert_allclose(outputs["ncc"][pos], scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["val_ncc"], np.mean(scores), rtol=1e-5, atol=1e-6)
     assert len(set(np.round(scores, 6))) == 3  # three different subjects, not one repeated
-    np.testing.assert_allclose(metrics["val_l1"], np.abs(m).mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["val_l1"], np.abs(m[pos]).mean(), rtol=1e-5)
 
-    critic_fn = jax.jit(gan.critic.apply)
-
-    def critic(v):
-        return np.asarray(critic_fn({"params": state.params["critic"]}, v))
-
-    wasserstein = critic(val["negative"]).mean() - critic(val["positive"] + m).mean()
+    neg = np.flatnonzero(val["label"] == 0)
+    wasserstein = (_critic_scores(gan, state, val["image"][neg]).mean()
+                   - _critic_scores(gan, state, val["image"][pos] + m[pos]).mean())
     np.testing.assert_allclose(metrics["val_wasserstein"], wasserstein, rtol=1e-4, atol=1e-5)
 
-    # In chunks of 2 and 1 subjects (two jitted calls): the same subject means.
-    chunked = chunked_validation(gan, val, crop, chunk=2)(state)
-    for name, value in metrics.items():
-        np.testing.assert_allclose(chunked[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
-
-def test_chunked_validation_covers_unequal_groups():
-    """2 positives, 5 negatives, chunks of 1 and 2: every subject of both groups counts."""
-    gan = build_mapping_gan(CONFIG)
+def test_validation_is_the_same_in_any_batching():
+    """2 positives, 5 negatives in batches of 1, 2, 4 and 8 (one padded batch): every subject
+    of both groups counts once."""
+    gan = build_mapping_gan({**CONFIG, "input_shape": (8, 8, 1)})
     state, val = _validation_set(gan, (8, 8, 1), positives=2, negatives=5, seed=5)
-    whole = jax.jit(lambda s, d: gan.validation_metrics(s, d))(state, val)
-    for chunk in (1, 2):
-        chunked = chunked_validation(gan, val, (), chunk=chunk)(state)
-        for name, value in whole.items():
-            np.testing.assert_allclose(chunked[name], value, rtol=1e-5, atol=1e-6, err_msg=f"{name}, chunk {chunk}")
+    results = {size: validation_metrics(evaluate(gan.eval_step, state, val, count=7,
+                                                 batch_size=size)) for size in (1, 2, 4, 8)}
+    assert set(results[1]) == {"val_ncc", "val_l1", "val_wasserstein"}
+    for size, metrics in results.items():
+        for name, value in results[8].items():
+            np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name}, batch {size}")
+    without_truth = {k: v for k, v in val.items() if k != "effect"}
+    metrics = validation_metrics(evaluate(gan.eval_step, state, without_truth, count=7,
+                                          batch_size=4))
+    assert set(metrics) == {"val_l1", "val_wasserstein"}
 
 
 @pytest.mark.parametrize("bad", ["spectral", "none"])
@@ -342,11 +375,12 @@ def test_step_uses_the_rate_of_its_generator_step():
     new, metrics = jax.jit(gan.train_step)(halfway, batch)
     ref, _ = jax.jit(full.train_step)(halfway, batch)
     assert float(metrics["learning_rate"]) == pytest.approx(CONFIG["learning_rate"] / 2)
-    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-             zip(jax.tree.leaves(new.params["generator"]), jax.tree.leaves(state.params["generator"]))]
-    moved_full = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
-                  zip(jax.tree.leaves(ref.params["generator"]), jax.tree.leaves(state.params["generator"]))]
-    np.testing.assert_allclose(moved, np.asarray(moved_full) / 2, rtol=1e-3)
+    def moved(after):
+        pairs = zip(jax.tree.leaves(after.params["generator"]),
+                    jax.tree.leaves(state.params["generator"]))
+        return np.array([np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in pairs])
+
+    np.testing.assert_allclose(moved(new), moved(ref) / 2, rtol=1e-3)
 
 
 def test_generator_average_follows_its_formula_and_serves_inference():
@@ -357,14 +391,18 @@ def test_generator_average_follows_its_formula_and_serves_inference():
     new, _ = jax.jit(gan.train_step)(state, batch)
     decay = float(gan.config.ema_decay(100))
     assert decay == pytest.approx(0.9) and float(gan.config.ema_decay(0)) == pytest.approx(0.1)
-    for a0, p1, a1 in zip(jax.tree.leaves(state.params["generator_ema"]), jax.tree.leaves(new.params["generator"]),
+    for a0, p1, a1 in zip(jax.tree.leaves(state.params["generator_ema"]),
+                          jax.tree.leaves(new.params["generator"]),
                           jax.tree.leaves(new.params["generator_ema"])):
-        np.testing.assert_allclose(a1, decay * np.asarray(a0) + (1 - decay) * np.asarray(p1), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a1, decay * np.asarray(a0) + (1 - decay) * np.asarray(p1),
+                                   rtol=1e-6, atol=1e-7)
     # Inference maps come from the average, training-mode maps from the live generator.
     x = batch["positive"][:, 0]
     average_only = new.replace(params={**new.params, "generator": state.params["generator"]})
-    np.testing.assert_allclose(gan.key_feature_map(new, x), gan.key_feature_map(average_only, x), rtol=1e-6)
-    live = gan.generator.apply({"params": new.params["generator"], "batch_stats": new.batch_stats["generator"]},
+    np.testing.assert_allclose(gan.key_feature_map(new, x), gan.key_feature_map(average_only, x),
+                               rtol=1e-6)
+    live = gan.generator.apply({"params": new.params["generator"],
+                                "batch_stats": new.batch_stats["generator"]},
                                x, train=False)
     assert not np.allclose(gan.key_feature_map(new, x), live)
     without = build_mapping_gan({**CONFIG, "generator_ema": 0.0})
