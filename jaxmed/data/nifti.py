@@ -1,4 +1,4 @@
-"""NIfTI volumes for the mapping GAN: reading, checking, normalising, splitting, padding, writing.
+"""NIfTI volumes for the mapping GAN: reading, checking, normalising, group discovery, writing.
 
 Free of JAX (numpy + nibabel only), so data preparation never touches an accelerator.
 
@@ -111,7 +111,8 @@ def _xyzc_shape(shape: Sequence[int], path: Path) -> tuple[int, int, int, int]:
     if len(squeezed) == 4:
         return squeezed
     raise InputDataError(
-        f"{path}: unsupported {len(shape)}-D volume of shape {tuple(shape)}; expected 3-D (X, Y, Z) or "
+        f"{path}: unsupported {len(shape)}-D volume of shape {tuple(shape)}; expected 3-D "
+        "(X, Y, Z) or "
         "4-D (X, Y, Z, C) (store 2-D images as (X, Y, 1))"
     )
 
@@ -121,7 +122,8 @@ def _check_finite(data: np.ndarray, path: Path) -> None:
     if n_bad:
         n_nan = int(np.count_nonzero(np.isnan(data)))
         raise InputDataError(
-            f"{path}: {n_bad} of {data.size} voxels are not finite ({n_nan} NaN, {n_bad - n_nan} infinite)"
+            f"{path}: {n_bad} of {data.size} voxels are not finite ({n_nan} NaN, "
+            f"{n_bad - n_nan} infinite)"
         )
 
 
@@ -150,7 +152,8 @@ def read_volume(path: str | os.PathLike, *, allow_constant: bool = False) -> Vol
     _check_finite(data, path)
     if not allow_constant and data.min() == data.max():
         raise InputDataError(
-            f"{path}: constant volume (every voxel is {data.flat[0]:g}); it cannot be min-max normalised"
+            f"{path}: constant volume (every voxel is {data.flat[0]:g}); it cannot be min-max "
+            "normalised"
         )
     affine = np.array(image.affine, dtype=np.float64)
     return Volume(data=data, affine=affine, header=image.header.copy(), path=path)
@@ -239,7 +242,8 @@ def _discover_group(folder: str | os.PathLike, label: int) -> list[Subject]:
     return subjects
 
 
-def discover_groups(positive_dir: str | os.PathLike, negative_dir: str | os.PathLike) -> list[Subject]:
+def discover_groups(positive_dir: str | os.PathLike,
+                    negative_dir: str | os.PathLike) -> list[Subject]:
     """Subjects from two folders, positives first, each folder sorted by file name.
 
     Takes `*.nii` and `*.nii.gz` files; `<name>_effect.nii[.gz]` files are the ground-truth
@@ -263,12 +267,14 @@ def _manifest_file(csv_path: Path, line: int, value: str, column: str) -> Path:
 def _manifest_row(csv_path: Path, line: int, columns: list[str], row: list[str]) -> Subject:
     if len(row) != len(columns):
         raise InputDataError(
-            f"{csv_path} line {line}: expected {len(columns)} fields ({', '.join(columns)}), got {len(row)}"
+            f"{csv_path} line {line}: expected {len(columns)} fields ({', '.join(columns)}), "
+            f"got {len(row)}"
         )
     fields = dict(zip(columns, (cell.strip() for cell in row)))
     if fields["label"] not in ("0", "1"):
         raise InputDataError(
-            f"{csv_path} line {line}: label must be 1 (positive) or 0 (negative), got {fields['label']!r}"
+            f"{csv_path} line {line}: label must be 1 (positive) or 0 (negative), "
+            f"got {fields['label']!r}"
         )
     effect = fields.get("effect_path", "")
     return Subject(
@@ -297,7 +303,8 @@ def read_manifest(csv_path: str | os.PathLike) -> list[Subject]:
         missing = {"path", "label"} - set(columns)
         if missing or len(set(columns)) != len(columns):
             raise InputDataError(
-                f"{csv_path} line 1: the header must name the columns path, label[, effect_path] once each, "
+                f"{csv_path} line 1: the header must name the columns path, label"
+                "[, effect_path] once each, "
                 f"got {columns}"
             )
         rows = (row for row in reader if any(cell.strip() for cell in row))
@@ -332,14 +339,16 @@ def check_shapes(subjects: Sequence[Subject]) -> tuple[int, int, int, int]:
         shape = _file_shape(subject.path)
         if shape != expected:
             raise InputDataError(
-                f"{subject.path}: shape (X, Y, Z, C) = {shape} differs from {expected} of the first subject "
+                f"{subject.path}: shape (X, Y, Z, C) = {shape} differs from {expected} of the "
+                "first subject "
                 f"{first}; all volumes must have the same spatial shape and channels"
             )
         if subject.effect_path is not None:
             effect = _file_shape(subject.effect_path)
             if effect[:3] != shape[:3] or effect[3] not in (1, shape[3]):
                 raise InputDataError(
-                    f"{subject.effect_path}: ground-truth map of shape {effect} does not fit its volume "
+                    f"{subject.effect_path}: ground-truth map of shape {effect} does not fit "
+                    "its volume "
                     f"{subject.path} of shape {shape}"
                 )
     return expected
@@ -383,7 +392,8 @@ def write_volume(
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim not in (3, 4):
-        raise ValueError(f"expected an (X, Y, Z) or (X, Y, Z, C) array for {path}, got shape {data.shape}")
+        raise ValueError(f"expected an (X, Y, Z) or (X, Y, Z, C) array for {path}, "
+                         f"got shape {data.shape}")
     header = _output_header(header)
     image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     image = image_class(data, np.eye(4) if affine is None else np.asarray(affine), header)

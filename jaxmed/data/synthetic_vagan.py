@@ -14,8 +14,8 @@ Lengths at the reference size 112 are side 20, offset 32, jitter -5..+4, sigma 2
 other `size` (and in 3-D) every length is scaled by `size / 112` (rounded half up; sigma not
 rounded), so the image looks the same at a coarser resolution: at 32 the cube side is 6, the
 offset 9, the jitter -1..+1 and sigma 0.714 px. The VA-GAN code puts the second square on the
-two diagonal directions only; following our spec, the sign is drawn per axis here (4 positions
-in 2-D, 8 in 3-D).
+two diagonal directions only; here the sign is drawn per axis (4 positions in 2-D, 8 in 3-D;
+see docs/mapping_gan.md).
 
 `write_dataset` stores a dataset as NIfTI files readable by `jaxmed.data.nifti`.
 """
@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -79,7 +80,8 @@ def protocol(size: int) -> Protocol:
     highest = start + lengths.offset + lengths.jitter_high + lengths.side
     fits = lowest >= 0 and highest <= size
     if not fits or lengths.offset + lengths.jitter_low < lengths.side:
-        raise ValueError(f"size {size} is too small for two separate boxes inside the image: {lengths}")
+        raise ValueError(f"size {size} is too small for two separate boxes inside the image: "
+                         f"{lengths}")
     return lengths
 
 
@@ -196,9 +198,12 @@ def _is_complete(directory: Path, params: dict) -> bool:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # a name of its own writer
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_dataset(
@@ -222,6 +227,8 @@ def write_dataset(
 
     If the folder holds a dataset with other parameters, its `sub-*.nii.gz` files in
     `positive/` and `negative/` are deleted before the new one is written; other files are kept.
+    Meant for one writer at a time: a multi-process program lets one process write while the
+    others wait (`jaxmed.mapping_gan.data.synthetic_subjects`).
 
     **Arguments:**
 
@@ -240,7 +247,8 @@ def write_dataset(
     size = (REFERENCE_SIZE if dims == 2 else 32) if size is None else size
     directory = Path(directory)
     params = dict(
-        protocol="vagan", version=_FORMAT_VERSION, dims=dims, n_subjects=n_subjects, seed=seed, size=size
+        protocol="vagan", version=_FORMAT_VERSION, dims=dims, n_subjects=n_subjects, seed=seed,
+        size=size,
     )
     manifest = directory / "manifest.csv"
     if _is_complete(directory, params):
@@ -253,7 +261,8 @@ def write_dataset(
     rows = _manifest_rows(_labels(n_subjects))
     volume_shape = (size, size, 1) if dims == 2 else (size,) * 3
     # Streamed one subject at a time: a large dataset never sits in memory whole.
-    for (volume, label, effect), (_, image, planted) in zip(rows, _subjects(n_subjects, seed, size, dims)):
+    subjects = _subjects(n_subjects, seed, size, dims)
+    for (volume, label, effect), (_, image, planted) in zip(rows, subjects):
         write_volume(image.reshape(volume_shape), directory / volume)
         if label == POSITIVE:
             key_feature_map = 0.0 - planted  # 0.0 - x: no negative zeros
