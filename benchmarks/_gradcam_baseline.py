@@ -71,8 +71,9 @@ class SmallCNN(nn.Module):
         return self.head(a)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, *, widths: Sequence[int], steps: int,
-                     batch_size: int, learning_rate: float, seed: int) -> tuple[SmallCNN, Any, float]:
+def train_classifier(images: np.ndarray, labels: np.ndarray, *, widths: Sequence[int],
+                     steps: int, batch_size: int, learning_rate: float,
+                     seed: int) -> tuple[SmallCNN, Any, float]:
     """Adam on the binary cross-entropy, minibatches drawn without replacement per step.
 
     **Returns:** `(model, params, wall seconds)`.

@@ -1,19 +1,20 @@
-"""Training speed of the mapping GAN (train/mapping_gan.py): one generator step = k critic updates + 1
-generator update, on random volumes of the program's input shapes.
+"""Training speed of the mapping GAN (train/mapping_gan.py): one generator step = k critic
+updates + 1 generator update, on random volumes of the program's input shapes.
 
-Every comparison is measured in the same run against the program's default configuration (3-D 32^3,
-batch 4, k = 5, TT critic, float32, fused step); `time ratio` is step time / that baseline's step
-time (below 1 = faster), `D param ratio` the same for the critic's parameter count. Compile time is reported apart from the step time (median of `--repeats` timed
-steps after `--warmup` untimed ones). `volumes/s` counts every volume a step processes: per critic
+Every comparison is measured in the same run against the program's default configuration (3-D
+32^3, batch 4, k = 5, TT critic, float32, fused step); `time ratio` is step time / that
+baseline's step time (below 1 = faster), `D param ratio` the same for the critic's parameter
+count. Compile time is reported apart from the step time (median of `--repeats` timed steps
+after `--warmup` untimed ones). `volumes/s` counts every volume a step processes: per critic
 update B negatives and B positives, per generator update B positives, so B (2k + 1) per step.
 
-- `config`: the default configuration and a larger one: 48^3 with the VA-GAN generator's features
-  16,32,64,128 (`--large-size`, `--large-features`).
+- `config`: the default configuration and a larger one: 48^3 with the VA-GAN generator's
+  features 16,32,64,128 (`--large-size`, `--large-features`).
 - `critic`: TT critic against the dense critic of the same layer shapes (`--critic dense`).
-- `fusion`: the fused step (one jitted call: the k critic updates in a `lax.scan`, then the generator
-  update) against an unfused Python loop of separately jitted critic and generator updates (k + 1
-  dispatches per step, same maths and random numbers; the line under the table checks that both
-  give the same parameters).
+- `fusion`: the fused step (one jitted call: the k critic updates in a `lax.scan`, then the
+  generator update) against an unfused Python loop of separately jitted critic and generator
+  updates (k + 1 dispatches per step, same maths and random numbers; the line under the table
+  checks that both give the same parameters).
 - `dtype`: float32 against bfloat16 computation (parameters stay float32).
 
     python benchmarks/mapping_gan_speed.py
@@ -39,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks._timing import print_table
 from jaxmed import losses
+from jaxmed.mapping_gan.config import MappingGanConfig
 from jaxmed.mapping_gan.steps import MappingGan, build_mapping_gan
 from jaxmed.models.mapping_gan import mapped
 from jaxmed.training import comma_ints
@@ -60,17 +62,27 @@ class Variant:
 def program_defaults() -> tuple[dict, argparse.Namespace]:
     """The model config dict and arguments that `python -m train.mapping_gan` would use."""
     args = program.build_parser().parse_args([])
-    return {k: getattr(args, k) for k in program._MODEL_KEYS}, args
+    return MappingGanConfig.from_args(args).to_dict(), args
+
+
+def build(config: dict, size: int, args: argparse.Namespace) -> MappingGan:
+    """The GAN of `config` for one-channel inputs of edge `size` in `args.dims` dimensions."""
+    return build_mapping_gan({**config, "input_shape": (*(size,) * args.dims, 1),
+                              "seed": args.seed})
 
 
 # ------------------------------------------------------------------ data and state
 
 
-def random_batch(key: jax.Array, batch: int, k: int, spatial: tuple[int, ...]) -> dict[str, jax.Array]:
-    """A step's batch `{'negative': (B, k, *S, 1), 'positive': (B, k + 1, *S, 1)}` in [-1, 1]."""
+def random_batch(key: jax.Array, batch: int, k: int,
+                 spatial: tuple[int, ...]) -> dict[str, jax.Array]:
+    """A step's batch `{'negative': (B, k, *S, 1), 'positive': (B, k + 1, *S, 1)}` in
+    [-1, 1]."""
     neg_key, pos_key = jax.random.split(key)
-    return {"negative": jax.random.uniform(neg_key, (batch, k, *spatial, 1), minval=-1.0, maxval=1.0),
-            "positive": jax.random.uniform(pos_key, (batch, k + 1, *spatial, 1), minval=-1.0, maxval=1.0)}
+    return {"negative": jax.random.uniform(neg_key, (batch, k, *spatial, 1), minval=-1.0,
+                                           maxval=1.0),
+            "positive": jax.random.uniform(pos_key, (batch, k + 1, *spatial, 1), minval=-1.0,
+                                           maxval=1.0)}
 
 
 def count_params(tree: Any) -> int:
@@ -81,10 +93,12 @@ def count_params(tree: Any) -> int:
 
 
 def unfused_updates(gan: MappingGan, k: int):
-    """`(critic_update, generator_update)`: the fused `train_step`'s two halves as separate functions.
+    """`(critic_update, generator_update)`: the fused `train_step`'s two halves as separate
+    functions.
 
-    `critic_update(state, negative, positive, i)` is critic update `i` of the step (same random key
-    as the fused step's scan iteration `i`); `generator_update(state, positive)` the generator update.
+    `critic_update(state, negative, positive, i)` is critic update `i` of the step (same random
+    key as the fused step's scan iteration `i`); `generator_update(state, positive)` the
+    generator update.
     """
 
     def critic_update(state, negative, positive, i):
@@ -102,24 +116,27 @@ def unfused_updates(gan: MappingGan, k: int):
 
     def generator_update(state, positive):
         tx = gan.config.optimizer(state.step)
-        (loss, (_, stats)), grads = jax.value_and_grad(gan._generator_loss, has_aux=True)(
-            state.params["generator"], state, positive)
+        objective = jax.value_and_grad(gan._generator_loss, has_aux=True)
+        (loss, (_, stats)), grads = objective(state.params["generator"], state, positive)
         state = state.apply_gradients(tx, grads, network="generator")
-        return gan.average_generator(state.replace(batch_stats={**state.batch_stats, "generator": stats})), loss
+        state = state.replace(batch_stats={**state.batch_stats, "generator": stats})
+        return gan.average_generator(state), loss
 
     return critic_update, generator_update
 
 
 def unfused_step(gan: MappingGan, state, batch: dict[str, jax.Array]):
-    """`(step_fn, compile_s)`: `step_fn()` runs one unfused generator step from `state` on `batch`
-    as a Python loop of k + 1 compiled calls (minibatches sliced beforehand, outside the timing)."""
+    """`(step_fn, compile_s)`: `step_fn()` runs one unfused generator step from `state` on
+    `batch` as a Python loop of k + 1 compiled calls (minibatches sliced beforehand, outside the
+    timing)."""
     k = batch["negative"].shape[1]
     negatives = [batch["negative"][:, i] for i in range(k)]  # each [B, *S, C]
     positives = [batch["positive"][:, i] for i in range(k + 1)]
     indices = [jnp.asarray(i, jnp.int32) for i in range(k)]
     critic_update, generator_update = unfused_updates(gan, k)
     start = time.perf_counter()
-    critic = jax.jit(critic_update).lower(state, negatives[0], positives[0], indices[0]).compile()
+    critic = jax.jit(critic_update).lower(state, negatives[0], positives[0],
+                                          indices[0]).compile()
     generator = jax.jit(generator_update).lower(state, positives[k]).compile()
     compile_s = time.perf_counter() - start
 
@@ -149,7 +166,8 @@ def update_difference(start, a, b) -> float:
     relative to the step's own update (Adam turns rounding noise in a zero gradient into an
     O(learning-rate) update, so a maximum over single parameters would overstate it)."""
     def sq_norm(x, y):
-        return sum(float(jnp.sum(jnp.square(u - v))) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+        pairs = zip(jax.tree.leaves(x), jax.tree.leaves(y))
+        return sum(float(jnp.sum(jnp.square(u - v))) for u, v in pairs)
 
     return (sq_norm(a.params, b.params) / sq_norm(a.params, start.params)) ** 0.5
 
@@ -166,10 +184,7 @@ def initial_state(variant: Variant, args: argparse.Namespace, states: dict):
     config = {**variant.config, "dtype": "float32"}
     key = (_config_key(config), variant.size)
     if key not in states:
-        spatial = (variant.size,) * args.dims
-        example = jnp.zeros((1, *spatial, 1), jnp.float32)
-        gan = build_mapping_gan(config)
-        states[key] = jax.jit(lambda x: gan.init_state(x, args.seed))(example)
+        states[key] = jax.jit(build(config, variant.size, args).init_state)()
     return states[key]
 
 
@@ -179,7 +194,7 @@ def _config_key(config: dict) -> tuple:
 
 def measure(variant: Variant, args: argparse.Namespace, states: dict) -> dict[str, Any]:
     """Compile and step times, parameter counts and a `run()` that repeats one step (for checks)."""
-    gan = build_mapping_gan(variant.config)
+    gan = build(variant.config, variant.size, args)
     spatial = (variant.size,) * args.dims
     batch = random_batch(jax.random.key(args.seed), args.batch, args.n_critic, spatial)
     state = initial_state(variant, args, states)
@@ -203,7 +218,8 @@ def comparisons(base: dict, args: argparse.Namespace) -> dict[str, list[Variant]
         "config": [Variant("default", base, args.size), Variant("large", large, args.large_size)],
         "critic": [Variant("tt critic", base, args.size),
                    Variant("dense critic", {**base, "critic": "dense"}, args.size)],
-        "fusion": [Variant("fused", base, args.size), Variant("unfused", base, args.size, fused=False)],
+        "fusion": [Variant("fused", base, args.size),
+                   Variant("unfused", base, args.size, fused=False)],
         "dtype": [Variant("float32", base, args.size),
                   Variant("bfloat16", {**base, "dtype": "bfloat16"}, args.size)],
     }
@@ -222,13 +238,15 @@ def run_comparisons(chosen: list[str], base: dict, args: argparse.Namespace):
             if key not in cache:
                 print(f"measuring {name}: {v.name} ...", file=sys.stderr, flush=True)
                 cache[key] = r = measure(v, args, states)
-                print(f"  compile {r['compile_s']:.1f} s, step {r['step_s']:.3g} s", file=sys.stderr, flush=True)
+                print(f"  compile {r['compile_s']:.1f} s, step {r['step_s']:.3g} s",
+                      file=sys.stderr, flush=True)
             results.append(cache[key])
         ref = results[0]
         for v, r in zip(variants, results):
             volumes = args.batch * (2 * args.n_critic + 1)
-            rows.append([name, v.name, _describe(v, args), r["g_params"], r["d_params"], r["compile_s"],
-                         r["step_s"] * 1e3, 1.0 / r["step_s"], volumes / r["step_s"],
+            rows.append([name, v.name, _describe(v, args), r["g_params"], r["d_params"],
+                         r["compile_s"], r["step_s"] * 1e3, 1.0 / r["step_s"],
+                         volumes / r["step_s"],
                          r["step_s"] / ref["step_s"] if r is not ref else "",
                          r["d_params"] / ref["d_params"] if r is not ref else ""])
         if name == "fusion":
@@ -241,19 +259,22 @@ def run_comparisons(chosen: list[str], base: dict, args: argparse.Namespace):
 
 def _describe(v: Variant, args: argparse.Namespace) -> str:
     features = ",".join(map(str, v.config["generator_features"]))
-    return f"{args.batch}x{v.size}^{args.dims} G {features} {v.config['critic']} {v.config['dtype']}"
+    return (f"{args.batch}x{v.size}^{args.dims} G {features} {v.config['critic']} "
+            f"{v.config['dtype']}")
 
 
 # ------------------------------------------------------------------ command line
 
 
 def build_parser(defaults: argparse.Namespace) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", type=int, choices=(2, 3), default=defaults.synthetic_dims,
                         help="spatial dimensions (default: %(default)s)")
     parser.add_argument("--size", type=int, default=defaults.synthetic_size,
                         help="edge length of the default configuration (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=defaults.batch_size, help="batch size (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=defaults.batch_size,
+                        help="batch size (default: %(default)s)")
     parser.add_argument("--n-critic", type=int, default=defaults.n_critic,
                         help="critic updates per generator step, k (default: %(default)s)")
     parser.add_argument("--large-size", type=int, default=48,
@@ -261,12 +282,15 @@ def build_parser(defaults: argparse.Namespace) -> argparse.ArgumentParser:
     parser.add_argument("--large-features", type=comma_ints, default="16,32,64,128",
                         help="generator features of the large configuration (VA-GAN: 16,32,64,128) "
                              "(default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps after compilation (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed steps; the median is reported (default: %(default)s)")
     parser.add_argument("--only", default=",".join(COMPARISONS),
-                        help=f"comma-separated comparisons to run, of {', '.join(COMPARISONS)} (default: all)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="data and init seed (default: %(default)s)")
+                        help=f"comma-separated comparisons to run, of {', '.join(COMPARISONS)} "
+                        "(default: all)")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="data and init seed (default: %(default)s)")
     return parser
 
 
@@ -276,15 +300,18 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [c.strip() for c in args.only.split(",") if c.strip()]
     unknown = sorted(set(chosen) - set(COMPARISONS))
     if unknown:
-        sys.exit(f"error: unknown comparison(s) {unknown}; choose from {', '.join(COMPARISONS)}")
+        sys.exit(f"error: unknown comparison(s) {unknown}; choose from "
+                 f"{', '.join(COMPARISONS)}")
     rows, check = run_comparisons(chosen, base, args)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, batch {args.batch}, "
-          f"k = {args.n_critic} critic updates per step, {args.batch * (2 * args.n_critic + 1)} volumes per step, "
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
+          f"batch {args.batch}, k = {args.n_critic} critic updates per step, "
+          f"{args.batch * (2 * args.n_critic + 1)} volumes per step, "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    print_table(["comparison", "variant", "setup", "G params", "D params", "compile s", "step ms", "steps/s",
-                 "volumes/s", "time ratio", "D param ratio"], rows)
+    print_table(["comparison", "variant", "setup", "G params", "D params", "compile s",
+                 "step ms", "steps/s", "volumes/s", "time ratio", "D param ratio"], rows)
     if check is not None:
-        print(f"fused vs unfused, one step: ||difference|| / ||update|| of all parameters = {check:.3g}")
+        print("fused vs unfused, one step: ||difference|| / ||update|| of all parameters = "
+              f"{check:.3g}")
 
 
 if __name__ == "__main__":
