@@ -50,7 +50,9 @@ def np_dice(logits, labels, squared=True, smooth=1e-5, include_background=True, 
 def np_cross_entropy(logits, labels, class_weights=None, ignore_index=None):
     probs = np_softmax(logits).reshape(-1, logits.shape[-1])
     labels = labels.ravel()
-    weights = np.ones(logits.shape[-1]) if class_weights is None else np.asarray(class_weights, np.float64)
+    weights = np.ones(logits.shape[-1])
+    if class_weights is not None:
+        weights = np.asarray(class_weights, np.float64)
     numerator = denominator = 0.0
     for i, y in enumerate(labels):
         if y == ignore_index:
@@ -88,11 +90,17 @@ def test_cross_entropy_and_combined_match_numpy():
     logits, labels = make_inputs(SHAPES["2d"], seed=1, ignore=True)
     weights = np.array([0.2, 1.0, 3.0])
     ce = cross_entropy_loss(logits, labels, class_weights=weights, ignore_index=IGNORE)
-    np.testing.assert_allclose(float(ce), np_cross_entropy(logits, labels, weights, IGNORE), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(ce), np_cross_entropy(logits, labels, weights, IGNORE), rtol=1e-5
+    )
     plain = cross_entropy_loss(logits[:, 1:], np.clip(labels[:, 1:], 0, 2))
-    np.testing.assert_allclose(float(plain), np_cross_entropy(logits[:, 1:], np.clip(labels[:, 1:], 0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(plain), np_cross_entropy(logits[:, 1:], np.clip(labels[:, 1:], 0, 2)), rtol=1e-5
+    )
 
-    kwargs = dict(ce_weight=0.7, dice_weight=1.3, class_weights=weights, ignore_index=IGNORE, squared=False)
+    kwargs = dict(
+        ce_weight=0.7, dice_weight=1.3, class_weights=weights, ignore_index=IGNORE, squared=False
+    )
     total, parts = ce_dice_loss_parts(logits, labels, **kwargs)
     want_dice = np_dice(logits, labels, squared=False, ignore_index=IGNORE)
     np.testing.assert_allclose(float(parts["ce"]), float(ce), rtol=1e-6)
@@ -149,7 +157,9 @@ def test_jit_vmap_and_gradients():
     want = ce_dice_loss(logits, labels, ignore_index=IGNORE, include_background=False)
     np.testing.assert_allclose(float(loss(logits, labels)), float(want), rtol=1e-6)
     # vmap over an outer axis: each slice is a batch of one.
-    per_sample = jax.vmap(lambda x, y: dice_loss(x[None], y[None], ignore_index=IGNORE))(logits, labels)
+    per_sample = jax.vmap(lambda x, y: dice_loss(x[None], y[None], ignore_index=IGNORE))(
+        logits, labels
+    )
     want = [np_dice(logits[i : i + 1], labels[i : i + 1], ignore_index=IGNORE) for i in range(2)]
     np.testing.assert_allclose(np.asarray(per_sample), want, rtol=1e-5)
     grads = jax.grad(loss)(jnp.asarray(logits), labels)
@@ -166,7 +176,9 @@ def test_check_grads(squared):
 
         @jax.jit
         def loss(z):
-            kwargs = dict(squared=squared, ignore_index=IGNORE, class_weights=np.array([1.0, 2.0, 0.5]))
+            kwargs = dict(
+                squared=squared, ignore_index=IGNORE, class_weights=np.array([1.0, 2.0, 0.5])
+            )
             return ce_dice_loss(z, labels, **kwargs)
 
         check_grads(loss, (x,), order=1, modes=("fwd", "rev"))
@@ -179,7 +191,9 @@ def test_check_grads(squared):
 
 def to_torch(logits, labels):
     torch = pytest.importorskip("torch")
-    return torch.from_numpy(np.moveaxis(logits, -1, 1).copy()), torch.from_numpy(labels[:, None].astype(np.int64))
+    x = torch.from_numpy(np.moveaxis(logits, -1, 1).copy())
+    y = torch.from_numpy(labels[:, None].astype(np.int64))
+    return x, y
 
 
 @pytest.mark.parametrize("dim,squared,include_background,ignore_index", DICE_CASES)
@@ -196,7 +210,13 @@ def test_dice_matches_monai(dim, squared, include_background, ignore_index):
         ignore_index=ignore_index,
     )
     want = float(reference(*to_torch(logits, labels)))
-    got = dice_loss(logits, labels, squared=squared, include_background=include_background, ignore_index=ignore_index)
+    got = dice_loss(
+        logits,
+        labels,
+        squared=squared,
+        include_background=include_background,
+        ignore_index=ignore_index,
+    )
     np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
 
 
@@ -205,7 +225,12 @@ def test_ce_dice_matches_monai_dice_ce(dim):
     monai_losses = pytest.importorskip("monai.losses")
     logits, labels = make_inputs(SHAPES[dim], seed=4)
     reference = monai_losses.DiceCELoss(
-        softmax=True, to_onehot_y=True, squared_pred=True, lambda_ce=0.7, lambda_dice=1.3, include_background=False
+        softmax=True,
+        to_onehot_y=True,
+        squared_pred=True,
+        lambda_ce=0.7,
+        lambda_dice=1.3,
+        include_background=False,
     )
     want = float(reference(*to_torch(logits, labels)))
     got = ce_dice_loss(logits, labels, ce_weight=0.7, dice_weight=1.3, include_background=False)
@@ -217,6 +242,8 @@ def test_weighted_cross_entropy_matches_torch():
     logits, labels = make_inputs(SHAPES["3d"], seed=5, ignore=True)
     weights = np.array([0.2, 1.0, 3.0, 0.7], np.float32)
     x, y = to_torch(logits, labels)
-    want = torch.nn.functional.cross_entropy(x, y[:, 0], weight=torch.from_numpy(weights), ignore_index=IGNORE)
+    want = torch.nn.functional.cross_entropy(
+        x, y[:, 0], weight=torch.from_numpy(weights), ignore_index=IGNORE
+    )
     got = cross_entropy_loss(logits, labels, class_weights=weights, ignore_index=IGNORE)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

@@ -47,8 +47,12 @@ def test_interpolates_use_one_eps_per_sample():
     assert np.all((per_sample >= 0) & (per_sample < 1))
     r, f = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
     eps = _eps(key, shape)
-    np.testing.assert_allclose(random_interpolates(jnp.asarray(r), jnp.asarray(f), key), eps * r + (1 - eps) * f,
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        random_interpolates(jnp.asarray(r), jnp.asarray(f), key),
+        eps * r + (1 - eps) * f,
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_gradient_penalty_linear_critic_is_exact():
@@ -79,9 +83,13 @@ def test_gradient_penalty_nonlinear_critic_matches_per_sample_loop():
     norms = []
     for b in range(shape[0]):  # one sample at a time, gradient of that sample's own score
         x_hat = eps[b] * real[b] + (1 - eps[b]) * fake[b]
-        norms.append(np.linalg.norm(np.asarray(jax.grad(one_score)(jnp.asarray(x_hat)), np.float64)))
+        norms.append(
+            np.linalg.norm(np.asarray(jax.grad(one_score)(jnp.asarray(x_hat)), np.float64))
+        )
     expected = 10.0 * np.mean((np.array(norms) - 1.0) ** 2)
-    got = jax.jit(gradient_penalty, static_argnums=0)(critic, jnp.asarray(real), jnp.asarray(fake), key)
+    got = jax.jit(gradient_penalty, static_argnums=0)(
+        critic, jnp.asarray(real), jnp.asarray(fake), key
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -90,7 +98,9 @@ def test_gradient_penalty_param_gradients_finite_even_for_flat_critic():
 
     def penalty(theta):
         # theta = 0 makes the critic constant: zero input gradient, where a bare sqrt gives NaN.
-        return gradient_penalty(lambda v: theta * jnp.sum(v**2, axis=(1, 2, 3)), real, fake, jax.random.key(0))
+        return gradient_penalty(
+            lambda v: theta * jnp.sum(v**2, axis=(1, 2, 3)), real, fake, jax.random.key(0)
+        )
 
     assert float(penalty(0.0)) == pytest.approx(10.0)
     for theta in (0.0, 0.3):
@@ -99,12 +109,17 @@ def test_gradient_penalty_param_gradients_finite_even_for_flat_critic():
 
 def test_gradient_penalty_bfloat16_inputs_finite():
     real = jnp.ones((2, 4, 4, 1), jnp.bfloat16)
-    got = gradient_penalty(lambda v: jnp.sum(jnp.sin(v), axis=(1, 2, 3)), real, -real, jax.random.key(1))
+    got = gradient_penalty(
+        lambda v: jnp.sum(jnp.sin(v), axis=(1, 2, 3)), real, -real, jax.random.key(1)
+    )
     assert got.dtype == jnp.float32 and np.isfinite(got)
 
 
 def test_clip_weights_bounds_every_leaf():
-    params = {"a": jnp.array([-1.0, 0.005, 2.0]), "b": {"c": jnp.full((2, 2), -0.5), "d": jnp.array(0.003)}}
+    params = {
+        "a": jnp.array([-1.0, 0.005, 2.0]),
+        "b": {"c": jnp.full((2, 2), -0.5), "d": jnp.array(0.003)},
+    }
     clipped = clip_weights(params, clip=0.01)
     assert jax.tree.structure(clipped) == jax.tree.structure(params)
     for leaf in jax.tree.leaves(clipped):

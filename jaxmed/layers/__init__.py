@@ -10,8 +10,9 @@ from jaxmed.layers._conv import BlockConvTranspose as BlockConvTranspose
 from jaxmed.layers._conv import Conv as Conv
 from jaxmed.layers._conv import conv as conv
 from jaxmed.layers._pyramid import PyramidPooling as PyramidPooling
-from jaxmed.layers._pyramid import adaptive_avg_pool as adaptive_avg_pool
-from jaxmed.layers._pyramid import resize_align_corners as resize_align_corners
+from jaxmed.layers._resample import adaptive_avg_pool as adaptive_avg_pool
+from jaxmed.layers._resample import resample as resample
+from jaxmed.layers._resample import resize_align_corners as resize_align_corners
 from jaxmed.layers._second_order import SecondOrderPooling as SecondOrderPooling
 from jaxmed.layers._tensor_train import TTConv as TTConv
 from jaxmed.layers._tensor_train import TTDense as TTDense
@@ -34,6 +35,7 @@ __all__ = [
     "ThresholdSuppression",
     "adaptive_avg_pool",
     "conv",
+    "resample",
     "resize_align_corners",
     "suppress_discriminative",
     "suppress_irrelevant",

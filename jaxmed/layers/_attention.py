@@ -16,21 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxmed.layers._conv import Conv
+from jaxmed.layers._util import apply_gate, spatial_axes
 
 Array = Any
-
-
-def _spatial_axes(x: Array) -> tuple[int, ...]:
-    """Axes of the spatial positions of a channels-last batch `(B, *spatial, C)`."""
-    if x.ndim < 3:
-        raise ValueError(f"expected input of shape (B, *spatial, C) with at least one spatial axis, got {x.shape}")
-    return tuple(range(1, x.ndim - 1))
-
-
-def _apply_gate(x: Array, gate: Array, dtype: Any) -> Array:
-    """`x * gate` in the Flax-promoted computation dtype; `gate` broadcasts against `x`."""
-    x, gate = nn.dtypes.promote_dtype(x, gate, dtype=dtype)
-    return x * gate
 
 
 class ChannelAttention(nn.Module):
@@ -61,7 +49,7 @@ class ChannelAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, return_attention: bool = False):
-        axes = _spatial_axes(x)
+        axes = spatial_axes(x)
         channels = x.shape[-1]
         hidden = max(channels // self.reduction, 1)
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -71,7 +59,7 @@ class ChannelAttention(nn.Module):
         logits = jnp.sum(nn.Dense(channels, name="out", **dense)(h), axis=0)  # [B, C]
         attention = nn.sigmoid(logits)  # [B, C]
         gate = attention.reshape(attention.shape[0], *(1,) * len(axes), channels)  # [B, 1.., C]
-        y = _apply_gate(x, gate, self.dtype)
+        y = apply_gate(x, gate, self.dtype)
         return (y, attention) if return_attention else y
 
 
@@ -118,14 +106,15 @@ class SpatialAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, return_attention: bool = False):
-        axes = _spatial_axes(x)
+        axes = spatial_axes(x)
         size = self.kernel_size
         kernel = (size,) * len(axes) if isinstance(size, int) else tuple(size)
         channel_max = jnp.max(x, axis=-1, keepdims=True)  # [B, *S, 1]
         channel_mean = jnp.mean(x, axis=-1, keepdims=True)  # [B, *S, 1]
         pooled = jnp.concatenate([channel_max, channel_mean], axis=-1)  # [B, *S, 2], max first
         logits = Conv(
-            1, kernel, padding="SAME", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+            1, kernel, padding="SAME", use_bias=False, dtype=self.dtype,
+            param_dtype=self.param_dtype, name="conv",
         )(pooled)  # [B, *S, 1]
         if self.use_norm:
             logits = nn.BatchNorm(
@@ -138,7 +127,7 @@ class SpatialAttention(nn.Module):
                 name="norm",
             )(logits)
         attention = nn.sigmoid(logits)  # [B, *S, 1]
-        y = _apply_gate(x, attention, self.dtype)
+        y = apply_gate(x, attention, self.dtype)
         return (y, attention) if return_attention else y
 
 

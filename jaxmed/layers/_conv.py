@@ -28,16 +28,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxmed.layers._util import bias_param, per_axis
 
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
 
 __all__ = ["BlockConvTranspose", "Conv", "conv"]
-
-
-def _tuple(v: int | Sequence[int], n: int) -> tuple[int, ...]:
-    return (int(v),) * n if isinstance(v, (int, np.integer)) else tuple(int(s) for s in v)
 
 
 def _spec(nsp: int) -> tuple[str, str, str]:
@@ -60,11 +57,13 @@ def _depth_folded(x: Array, kernel: Array, strides, pads, dilation, precision) -
     (lo, hi), sd, dd = pads[0], strides[0], dilation[0]
     out_depth = (depth + lo + hi - dd * (kd - 1) - 1) // sd + 1
     x = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-    taps = [jax.lax.slice_in_dim(x, i * dd, i * dd + sd * (out_depth - 1) + 1, sd, axis=1) for i in range(kd)]
+    span = sd * (out_depth - 1) + 1  # input depths one tap reads, stride included
+    taps = [jax.lax.slice_in_dim(x, i * dd, i * dd + span, sd, axis=1) for i in range(kd)]
     stacked = jnp.concatenate(taps, axis=-1)  # [B, D', H, W, kd C], channel i * C + c
     stacked = stacked.reshape(b * out_depth, *stacked.shape[2:])  # [B D', H, W, kd C]
     folded = jnp.moveaxis(kernel, 0, 2).reshape(*kernel.shape[1:3], kd * c, f)  # [kh, kw, kd C, F]
-    y = _native(stacked, folded, strides[1:], pads[1:], dilation[1:], precision)  # [B D', H', W', F]
+    # y: [B D', H', W', F]
+    y = _native(stacked, folded, strides[1:], pads[1:], dilation[1:], precision)
     return y.reshape(b, out_depth, *y.shape[1:])
 
 
@@ -87,7 +86,7 @@ def conv(x: Array, kernel: Array, strides: int | Sequence[int] = 1, padding: Pad
     if kernel.ndim != nsp + 2 or kernel.shape[-2] != x.shape[-1]:
         raise ValueError(f"kernel {kernel.shape} does not fit input {x.shape}: need (*kernel_size, "
                          f"{x.shape[-1]}, C_out) with {nsp} spatial dimensions")
-    strides, dilation = _tuple(strides, nsp), _tuple(dilation, nsp)
+    strides, dilation = per_axis(strides, nsp), per_axis(dilation, nsp)
     if isinstance(padding, str):
         window = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:nsp], dilation)]
         padding = jax.lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
@@ -103,9 +102,9 @@ def conv(x: Array, kernel: Array, strides: int | Sequence[int] = 1, padding: Pad
 def _kernel_and_bias(module: nn.Module, x: Array, kernel_size: Sequence[int]):
     """`(x, kernel, bias)` promoted to the module's dtype: `kernel` `(*kernel_size, C_in, features)`
     and `bias` `(features,)` (None without `use_bias`), named and initialised as in Flax."""
-    kernel = module.param("kernel", module.kernel_init, (*kernel_size, x.shape[-1], module.features),
-                          module.param_dtype)
-    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    kernel = module.param("kernel", module.kernel_init,
+                          (*kernel_size, x.shape[-1], module.features), module.param_dtype)
+    bias = bias_param(module, module.features)
     return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
 
 
@@ -173,12 +172,13 @@ class BlockConvTranspose(nn.Module):
     def __call__(self, x: Array) -> Array:
         nsp, factors = x.ndim - 2, tuple(self.kernel_size)
         if len(factors) != nsp:
-            raise ValueError(f"kernel_size {factors} needs {len(factors)} spatial dimensions, got input {x.shape}")
+            raise ValueError(f"kernel_size {factors} needs {len(factors)} spatial dimensions, got "
+                             f"input {x.shape}")
         x, kernel, bias = _kernel_and_bias(self, x, factors)
         kernel = jnp.flip(kernel, axis=tuple(range(nsp)))  # tap s - 1 - a fills offset a
         blocks = jnp.tensordot(x, kernel, axes=((x.ndim - 1,), (nsp,)), precision=self.precision)
         # blocks: [B, *S, *s, F] -> interleave each spatial axis with its offset axis
         order = [0, *(i for axis in range(nsp) for i in (1 + axis, 1 + nsp + axis)), 1 + 2 * nsp]
-        y = blocks.transpose(order).reshape(x.shape[0], *(n * f for n, f in zip(x.shape[1:-1], factors)),
-                                            self.features)
+        upsampled = [n * f for n, f in zip(x.shape[1:-1], factors)]
+        y = blocks.transpose(order).reshape(x.shape[0], *upsampled, self.features)
         return y if bias is None else y + bias

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.layers._util import apply_gate, spatial_axes
+
 Array = Any
 _NORMS = ("batch", "layer", None)
 
@@ -29,7 +31,8 @@ def _biased_covariance(z: Array) -> Array:
     batch, d = z.shape[0], z.shape[-1]
     z = z.reshape(batch, -1, d).astype(jnp.promote_types(z.dtype, jnp.float32))  # [B, N, d]
     centred = z - jnp.mean(z, axis=1, keepdims=True)  # [B, N, d]
-    gram = jnp.einsum("bni,bnk->bik", centred, centred, precision=jax.lax.Precision.HIGHEST)  # [B, d, d]
+    # gram: [B, d, d]
+    gram = jnp.einsum("bni,bnk->bik", centred, centred, precision=jax.lax.Precision.HIGHEST)
     return gram / z.shape[1]
 
 
@@ -53,7 +56,8 @@ class _RowWiseConv(nn.Module):
         # Variance 1/d: fan-in of each group is one row of length d; rows are independent groups.
         init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2, batch_axis=(0,))
         kernel = self.param("kernel", init, (d, self.expansion, d), self.param_dtype)  # [d, q, d]
-        bias = self.param("bias", nn.initializers.zeros, (d, self.expansion), self.param_dtype)  # [d, q]
+        # bias: [d, q]
+        bias = self.param("bias", nn.initializers.zeros, (d, self.expansion), self.param_dtype)
         cov, kernel, bias = nn.dtypes.promote_dtype(cov, kernel, bias, dtype=self.dtype)
         out = jnp.einsum("bik,iqk->biq", cov, kernel) + bias  # [B, d, q]
         return out.reshape(out.shape[0], d * self.expansion)  # [B, q*d]
@@ -122,7 +126,8 @@ class SecondOrderPooling(nn.Module):
         if self.norm == "batch":
             # axis=1 on Σ: one feature per row i, statistics over the batch and columns k.
             axis = 1 if rows else -1
-            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, axis=axis, **kw)
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                axis=axis, **kw)
         if self.norm == "layer":
             # feature_axes=1 on Σ: per-row scale and bias, statistics over the columns k only.
             features = 1 if rows else -1
@@ -133,8 +138,7 @@ class SecondOrderPooling(nn.Module):
     def __call__(self, x: Array, train: bool = False, return_attention: bool = False):
         if self.norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
-        if x.ndim < 3:
-            raise ValueError(f"expected input of shape (B, *spatial, C) with at least one spatial axis, got {x.shape}")
+        spatial_axes(x)  # raises unless x is (B, *spatial, C)
         channels = x.shape[-1]
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         z = nn.Dense(self.reduced_channels, name="reduce", **dense)(x)  # [B, *S, d]
@@ -147,6 +151,5 @@ class SecondOrderPooling(nn.Module):
             rows = self.hidden_activation(rows)
         weight = nn.sigmoid(nn.Dense(channels, name="expand", **dense)(rows))  # [B, C]
         gate = weight.reshape(weight.shape[0], *(1,) * (x.ndim - 2), channels)  # [B, 1.., C]
-        x, gate = nn.dtypes.promote_dtype(x, gate, dtype=self.dtype)
-        y = x * gate
+        y = apply_gate(x, gate, self.dtype)
         return (y, weight) if return_attention else y

@@ -33,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxmed.layers._conv import conv
+from jaxmed.layers._util import bias_param, per_axis
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -45,7 +46,8 @@ __all__ = ["TTDense", "TTConv", "tt_full_weight", "tt_num_params"]
 # ----------------------------------------------------------------------------
 
 
-def _modes(in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _modes(in_modes: Sequence[int],
+           out_modes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     in_modes, out_modes = tuple(int(n) for n in in_modes), tuple(int(m) for m in out_modes)
     if len(in_modes) != len(out_modes) or not in_modes:
         raise ValueError(
@@ -201,7 +203,8 @@ def tt_full_weight(params: Any) -> Array:
     return _dense_from_cores(cores)[0]
 
 
-def _channel_core_params(module: nn.Module, in_modes, out_modes, ranks, init: Initializer) -> list[Array]:
+def _channel_core_params(module: nn.Module, in_modes, out_modes, ranks,
+                         init: Initializer) -> list[Array]:
     """Declares ``core_k`` ``[r_k, n_{k+1}, m_{k+1}, r_{k+1}]`` for k = 0..d-1 on `module`."""
     return [
         module.param(f"core_{k}", init, (ranks[k], n, m, ranks[k + 1]), module.param_dtype)
@@ -255,10 +258,11 @@ class TTDense(nn.Module):
         d, n_in, n_out = len(in_modes), math.prod(in_modes), math.prod(out_modes)
         r = _full_ranks(self.ranks, d, conv=False)
         if x.shape[-1] != n_in:
-            raise ValueError(f"TTDense expects {n_in} = prod{in_modes} input features, got {x.shape}")
+            raise ValueError(f"TTDense expects {n_in} = prod{in_modes} input features, got "
+                             f"{x.shape}")
         std = _core_std(_target_std(self.init_target, n_in, n_out), r, d)
         cores = _channel_core_params(self, in_modes, out_modes, r, nn.initializers.normal(std))
-        bias = self.param("bias", self.bias_init, (n_out,), self.param_dtype) if self.use_bias else None
+        bias = bias_param(self, n_out)
         x, bias, *cores = nn.dtypes.promote_dtype(x, bias, *cores, dtype=self.dtype)
         batch = x.shape[:-1]
         y = _contract_channel_cores(x.reshape(-1, n_in, 1), cores, self.precision)  # [A, n_out]
@@ -278,12 +282,9 @@ def _canonical_padding(padding: Any, nsp: int) -> Any:
         return [(padding, padding)] * nsp
     pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
     if len(pads) != nsp or any(len(p) != 2 for p in pads):
-        raise ValueError(f"padding {padding!r} must be a str, an int or {nsp} ints / (lo, hi) pairs")
+        raise ValueError(f"padding {padding!r} must be a str, an int or {nsp} ints / (lo, hi) "
+                         "pairs")
     return pads
-
-
-def _tuple(v: int | Sequence[int], nsp: int) -> tuple[int, ...]:
-    return (int(v),) * nsp if isinstance(v, (int, np.integer)) else tuple(int(s) for s in v)
 
 
 def _conv(x: Array, kernel: Array, strides, padding, dilation, precision) -> Array:
@@ -398,16 +399,19 @@ class TTConv(nn.Module):
         init = nn.initializers.normal(std)
         spatial = self.param("spatial_core", init, (*ks, r[0]), self.param_dtype)
         cores = _channel_core_params(self, in_modes, out_modes, r, init)
-        bias = self.param("bias", self.bias_init, (c_out,), self.param_dtype) if self.use_bias else None
-        x, bias, spatial, *cores = nn.dtypes.promote_dtype(x, bias, spatial, *cores, dtype=self.dtype)
+        bias = bias_param(self, c_out)
+        x, bias, spatial, *cores = nn.dtypes.promote_dtype(x, bias, spatial, *cores,
+                                                           dtype=self.dtype)
 
         batch = x.shape[: x.ndim - nsp - 1]
         x = x.reshape(-1, *x.shape[x.ndim - nsp - 1 :])  # [B, *S, C_in]
         conv_args = (
-            _tuple(self.strides, nsp), _canonical_padding(self.padding, nsp),
-            _tuple(self.kernel_dilation, nsp),
+            per_axis(self.strides, nsp), _canonical_padding(self.padding, nsp),
+            per_axis(self.kernel_dilation, nsp),
         )
-        path = self.forward if self.forward != "auto" else _choose_forward(ks, r, in_modes, out_modes)
+        path = self.forward
+        if path == "auto":
+            path = _choose_forward(ks, r, in_modes, out_modes)
         if path == "kernel":
             kernel = _kernel_from_cores(spatial, cores, self.precision)  # [*ks, C_in, C_out]
             y = _conv(x, kernel, *conv_args, self.precision)  # [B, *S', C_out]
@@ -442,13 +446,15 @@ def _spatial_filter(x: Array, spatial: Array, strides, padding, dilation) -> Arr
     dilated = [(k - 1) * dl + 1 for k, dl in zip(ks, dilation)]
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(spatial_in, dilated, strides, padding)
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *[(lo, hi, 0) for lo, hi in padding], (0, 0, 0)])
+    pads = [(0, 0, 0), *[(lo, hi, 0) for lo, hi in padding], (0, 0, 0)]  # (low, high, interior)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
     out_shape = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], dilated, strides)]
     u = jnp.zeros((x.shape[0], *out_shape, x.shape[-1], spatial.shape[-1]), x.dtype)
     for t in np.ndindex(*ks):
         start = [ti * dl for ti, dl in zip(t, dilation)]
         stop = [b + (n - 1) * s + 1 for b, n, s in zip(start, out_shape, strides)]
-        window = jax.lax.slice(x, [0, *start, 0], [x.shape[0], *stop, x.shape[-1]], [1, *strides, 1])
+        window = jax.lax.slice(x, [0, *start, 0], [x.shape[0], *stop, x.shape[-1]],
+                               [1, *strides, 1])
         u = u + window[..., None] * spatial[t]  # [B, *S', C_in, r_0]
     return u
 

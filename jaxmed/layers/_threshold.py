@@ -62,10 +62,9 @@ def suppress_discriminative(f: jax.Array, cr: float = 0.8, alpha: float = 0.8) -
         D = 0           where F > T
 
     For 0 < α <= 1, D >= F below T and D = F exactly at F = T; α = 1 is the identity up to
-    T. (SPEC.md S1 writes "0 where F >= T" but also asks that the curve meet D = F exactly at
-    F = cr·max; the foundation issue's acceptance list says "D = F at the threshold, 0
-    above". We keep the point F = T on the curve, which satisfies both statements of the
-    curve's shape; the two choices differ only on that measure-zero set.)
+    T. (The curve and the zero could both claim the point F = T; keeping it on the curve makes
+    D = F exactly at the threshold, and the two choices differ only on that measure-zero set.
+    See `docs/layers.md`.)
 
     Numerical choices: the derivative α·(F/T)^(α-1) is infinite at F = 0 for α < 1, so it
     is evaluated at max(F/T, 1e-6) (forward values stay exact; the gradient at F = 0 is
@@ -152,7 +151,8 @@ class ThresholdSuppression(nn.Module):
             f = f.astype(self.dtype)
         channels, n_spatial = f.shape[-1], f.ndim - 2
         fused = jnp.concatenate(
-            [suppress_discriminative(f, self.cr, self.alpha), suppress_irrelevant(f, self.t)], axis=-1
+            [suppress_discriminative(f, self.cr, self.alpha), suppress_irrelevant(f, self.t)],
+            axis=-1,
         )  # M: [B, *S, 2C]
         w1 = jnp.max(fused, axis=tuple(range(1, f.ndim - 1)))  # [B, 2C]
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -160,5 +160,6 @@ class ThresholdSuppression(nn.Module):
         w3 = dense(2 * channels, name="excite")(w2)  # [B, 2C]
         weights = nn.sigmoid(w3).reshape(w3.shape[0], *(1,) * n_spatial, -1)  # W*: [B, 1.., 2C]
         return nn.Conv(
-            channels, (1,) * n_spatial, dtype=self.dtype, param_dtype=self.param_dtype, name="project"
+            channels, (1,) * n_spatial, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="project",
         )(weights * fused)  # F*: [B, *S, C]

@@ -136,7 +136,8 @@ def test_spatial_attention_matches_numpy(dims, train):
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
     if train:  # running statistics move 10 % towards the batch statistics (biased variance)
         logits = np_conv_same(
-            np.concatenate([x.max(-1, keepdims=True), x.mean(-1, keepdims=True)], -1).astype(np.float64),
+            np.concatenate([x.max(-1, keepdims=True), x.mean(-1, keepdims=True)],
+                           -1).astype(np.float64),
             np.asarray(v["params"]["conv"]["kernel"], np.float64),
         )
         old = v["batch_stats"]["norm"]
@@ -150,7 +151,11 @@ def test_spatial_attention_without_norm_matches_numpy_and_has_no_bias(dims):
     x = _x(SHAPES[dims])
     module = SpatialAttention(kernel_size=5, use_norm=False)
     v = randomise_variables(init(module, x))
-    assert set(v) == {"params"} and set(v["params"]) == {"conv"} and set(v["params"]["conv"]) == {"kernel"}
+    assert (
+        set(v) == {"params"}
+        and set(v["params"]) == {"conv"}
+        and set(v["params"]["conv"]) == {"kernel"}
+    )
     y = module.apply(v, x)
     y_ref, _ = np_spatial_attention(x.astype(np.float64), v["params"], None, False, use_norm=False)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -172,7 +177,9 @@ def test_spatial_attention_pools_max_first():
     # And with random weights, the swapped reference is far from the output.
     v = randomise_variables(init(module, x))
     _, a = module.apply(v, x, return_attention=True)
-    _, a_swapped = np_spatial_attention(x.astype(np.float64), v["params"], None, False, False, max_first=False)
+    _, a_swapped = np_spatial_attention(
+        x.astype(np.float64), v["params"], None, False, False, max_first=False
+    )
     assert np.abs(np.asarray(a) - a_swapped).max() > 0.05
 
 
@@ -229,7 +236,9 @@ def test_cbam_is_channel_then_spatial(dims, train):
     np.testing.assert_allclose(att["spatial"], a_spatial, rtol=1e-5, atol=1e-6)
     assert att["spatial"].shape == x.shape[:-1] + (1,)
     # The other order (spatial first) is far from the output.
-    y_swapped, _ = np_channel_attention(np_spatial_attention(x64, p["spatial"], s["spatial"], train)[0], p["channel"])
+    y_swapped, _ = np_channel_attention(
+        np_spatial_attention(x64, p["spatial"], s["spatial"], train)[0], p["channel"]
+    )
     assert np.abs(np.asarray(y) - y_swapped).max() > 1e-2
 
 
@@ -243,7 +252,9 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize("name,train", [(n, t) for n in MODULES for t in (False, True) if t is False or n != "channel"])
+@pytest.mark.parametrize(
+    "name,train", [(n, t) for n in MODULES for t in (False, True) if t is False or n != "channel"]
+)
 def test_check_grads_wrt_input_and_params(name, train):
     with jax.enable_x64(True):
         x = jnp.asarray(_x((2, 4, 3, 4), dtype=np.float64))
@@ -253,7 +264,9 @@ def test_check_grads_wrt_input_and_params(name, train):
 
         def f(x, params):
             if train:
-                return module.apply({"params": params, **stats}, x, train=True, mutable=["batch_stats"])[0]
+                return module.apply(
+                    {"params": params, **stats}, x, train=True, mutable=["batch_stats"]
+                )[0]
             return module.apply({"params": params, **stats}, x)
 
         check_grads(f, (x, v["params"]), order=1, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
@@ -284,7 +297,8 @@ def test_jit_and_vmap_agree_with_eager(name, dims):
     np.testing.assert_allclose(jitted, eager[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(vmapped, eager, rtol=1e-5, atol=1e-6)
     if name in ("spatial", "cbam"):  # a jitted training step returns updated statistics
-        y, upd = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))(v, x[0])
+        train = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
+        y, upd = train(v, x[0])
         assert y.shape == x[0].shape and set(upd) == {"batch_stats"}
 
 

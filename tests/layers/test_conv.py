@@ -43,13 +43,19 @@ def test_conv_equals_definition(spatial, kernel, strides, padding, dilation):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spatial, kernel, strides, padding, dilation", [c for c in CASES if len(c[0]) == 3])
+@pytest.mark.parametrize(
+    "spatial, kernel, strides, padding, dilation", [c for c in CASES if len(c[0]) == 3]
+)
 def test_folded_and_native_paths_agree(spatial, kernel, strides, padding, dilation):
     """Both branches of the platform choice, called directly, whatever platform runs the test."""
     x, k = _data(spatial, kernel)
     nsp = len(spatial)
     window = [(n - 1) * d + 1 for n, d in zip(kernel, dilation)]
-    pads = padding if not isinstance(padding, str) else jax.lax.padtype_to_pads(spatial, window, strides, padding)
+    pads = (
+        padding
+        if not isinstance(padding, str)
+        else jax.lax.padtype_to_pads(spatial, window, strides, padding)
+    )
     args = dict(strides=strides, pads=tuple(map(tuple, pads)), dilation=dilation, precision=None)
     folded, native = _depth_folded(x, k, **args), _native(x, k, **args)
     assert folded.shape == native.shape == (2, *folded.shape[1:nsp + 1], 4)
@@ -67,8 +73,14 @@ def _convolution_ranks(hlo: str) -> set[int]:
 def test_cpu_lowering_has_only_2d_convolutions():
     x, k = _data((4, 4, 4), (3, 3, 3))
     forward = jax.jit(lambda x, k: conv(x, k)).lower(x, k).as_text()
-    backward = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), (0, 1))).lower(x, k).as_text()
-    native = jax.jit(lambda x, k: _native(x, k, (1,) * 3, ((1, 1),) * 3, (1,) * 3, None)).lower(x, k).as_text()
+    backward = (
+        jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), (0, 1))).lower(x, k).as_text()
+    )
+    native = (
+        jax.jit(lambda x, k: _native(x, k, (1,) * 3, ((1, 1),) * 3, (1,) * 3, None))
+        .lower(x, k)
+        .as_text()
+    )
     assert _convolution_ranks(native) == {3}  # the parser sees 3-D convolutions when they are there
     assert _convolution_ranks(forward) == {2}
     assert _convolution_ranks(backward) == {2}
@@ -89,9 +101,14 @@ def test_bad_kernel_is_rejected():
         conv(x, k)
 
 
-@pytest.mark.parametrize("spatial, kernel, strides, padding",
-                         [((6, 5, 4), (3, 3, 3), 1, "SAME"), ((6, 5, 4), (3, 3, 1), (2, 1, 1), "VALID"),
-                          ((6, 5), (3, 3), 2, "SAME")])
+@pytest.mark.parametrize(
+    "spatial, kernel, strides, padding",
+    [
+        ((6, 5, 4), (3, 3, 3), 1, "SAME"),
+        ((6, 5, 4), (3, 3, 1), (2, 1, 1), "VALID"),
+        ((6, 5), (3, 3), 2, "SAME"),
+    ],
+)
 def test_module_is_a_drop_in_for_flax_conv(spatial, kernel, strides, padding):
     x, _ = _data(spatial, kernel)
     ours = Conv(5, kernel, strides=strides, padding=padding)
@@ -100,8 +117,12 @@ def test_module_is_a_drop_in_for_flax_conv(spatial, kernel, strides, padding):
     mine = ours.init(jax.random.key(0), x)
     assert jax.tree.map(np.shape, mine) == jax.tree.map(np.shape, variables)
     jax.tree.map(np.testing.assert_array_equal, mine, variables)  # same initialisers, same values
-    np.testing.assert_allclose(np.asarray(ours.apply(variables, x)), np.asarray(theirs.apply(variables, x)),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(ours.apply(variables, x)),
+        np.asarray(theirs.apply(variables, x)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_module_dtypes():
@@ -115,7 +136,9 @@ def test_module_dtypes():
     assert bool(jnp.all(jnp.isfinite(y)))
 
 
-@pytest.mark.parametrize("spatial, factors", [((3, 4, 2), (2, 2, 2)), ((3, 5), (2, 3)), ((4,), (3,))])
+@pytest.mark.parametrize(
+    "spatial, factors", [((3, 4, 2), (2, 2, 2)), ((3, 5), (2, 3)), ((4,), (3,))]
+)
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_block_conv_transpose_equals_flax(spatial, factors, use_bias):
     x, _ = _data(spatial, factors)
@@ -124,11 +147,14 @@ def test_block_conv_transpose_equals_flax(spatial, factors, use_bias):
     variables = theirs.init(jax.random.key(0), x)
     mine = ours.init(jax.random.key(0), x)
     assert jax.tree.map(np.shape, mine) == jax.tree.map(np.shape, variables)
-    variables = jax.tree.map(lambda v: v + jnp.asarray(np.random.default_rng(1).normal(size=v.shape), v.dtype),
-                             variables)  # bias non-zero too
+    variables = jax.tree.map(
+        lambda v: v + jnp.asarray(np.random.default_rng(1).normal(size=v.shape), v.dtype), variables
+    )  # bias non-zero too
     got = ours.apply(variables, x)
     assert got.shape == (2, *(n * f for n, f in zip(spatial, factors)), 5)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(theirs.apply(variables, x)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(theirs.apply(variables, x)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_block_conv_transpose_definition():
@@ -140,4 +166,6 @@ def test_block_conv_transpose_definition():
     expected = np.zeros((2, 4, 9, 4))
     for i, j, a, b in np.ndindex(2, 3, 2, 3):
         expected[:, 2 * i + a, 3 * j + b] = x[:, i, j].astype(np.float64) @ k[1 - a, 2 - b]
-    np.testing.assert_allclose(np.asarray(layer.apply(variables, x)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(layer.apply(variables, x)), expected, rtol=1e-5, atol=1e-5
+    )

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -22,7 +21,8 @@ def test_import_pulls_in_only_jax_flax_numpy():
         "import jaxmed.layers\n"
         "new = {m.split('.')[0] for m in set(sys.modules) - before}\n"
         "forbidden = {'nibabel', 'tifffile', 'zarr', 'torch', 'tensorly', 'optax', 'orbax',\n"
-        "             'grain', 'tensorboardX', 'tqdm', 'scipy', 'skimage', 'cv2', 'PIL', 'matplotlib'}\n"
+        "             'grain', 'tensorboardX', 'tqdm', 'scipy', 'skimage', 'cv2', 'PIL',\n"
+        "             'matplotlib'}\n"
         "print(sorted(new & forbidden))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

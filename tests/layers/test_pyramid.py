@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxmed.layers import PyramidPooling, adaptive_avg_pool, resize_align_corners
+from jaxmed.layers import PyramidPooling, adaptive_avg_pool, resample, resize_align_corners
 
 BN_EPS = 1e-5
 
@@ -26,9 +26,12 @@ def ref_adaptive_avg_pool(x, out_size):
     out = np.zeros((x.shape[0], *out_size, x.shape[-1]))
     for idx in itertools.product(*(range(n) for n in out_size)):
         window = tuple(
-            slice(math.floor(i * L / n), math.ceil((i + 1) * L / n)) for i, L, n in zip(idx, spatial, out_size)
+            slice(math.floor(i * L / n), math.ceil((i + 1) * L / n))
+            for i, L, n in zip(idx, spatial, out_size)
         )
-        out[(slice(None), *idx)] = x[(slice(None), *window)].mean(axis=tuple(range(1, len(spatial) + 1)))
+        out[(slice(None), *idx)] = x[(slice(None), *window)].mean(
+            axis=tuple(range(1, len(spatial) + 1))
+        )
     return out
 
 
@@ -51,7 +54,8 @@ def ref_resize_align_corners(x, out_size):
 
 
 def ref_pyramid_pooling(x, variables, bins, batch_stats_from_input=False):
-    """Recompute the PPM from its parameters; returns (output, {branch: (batch_mean, batch_var)})."""
+    """Recompute the PPM from its parameters; returns (output, {branch: (batch_mean,
+    batch_var)})."""
     params = variables["params"]
     branches, stats = [x], {}
     for i, b in enumerate(bins):
@@ -65,7 +69,8 @@ def ref_pyramid_pooling(x, variables, bins, batch_stats_from_input=False):
             var = np.asarray(variables["batch_stats"][f"bin{i}_norm"]["var"])
         stats[i] = (y.mean(axis=axes), y.var(axis=axes))
         norm = params[f"bin{i}_norm"]
-        y = (y - mean) / np.sqrt(var + BN_EPS) * np.asarray(norm["scale"]) + np.asarray(norm["bias"])
+        scale, bias = np.asarray(norm["scale"]), np.asarray(norm["bias"])
+        y = (y - mean) / np.sqrt(var + BN_EPS) * scale + bias
         branches.append(ref_resize_align_corners(np.maximum(y, 0), x.shape[1:-1]))
     return np.concatenate(branches, axis=-1), stats
 
@@ -77,7 +82,9 @@ def random_variables(model, x, seed):
     shapes = jax.eval_shape(model.init, jax.random.key(0), x)
 
     def draw(leaf):
-        return jnp.asarray(rng.uniform(0.2, 1.5, leaf.shape) * rng.choice([-1, 1], leaf.shape), leaf.dtype)
+        return jnp.asarray(
+            rng.uniform(0.2, 1.5, leaf.shape) * rng.choice([-1, 1], leaf.shape), leaf.dtype
+        )
 
     out = jax.tree.map(draw, shapes)
     if "batch_stats" in out:
@@ -111,7 +118,9 @@ def test_adaptive_avg_pool_matches_loop_reference(shape, out_size):
     x = rand(shape)
     got = adaptive_avg_pool(x, out_size)
     assert got.shape == (shape[0], *out_size, shape[-1])
-    np.testing.assert_allclose(got, ref_adaptive_avg_pool(np.asarray(x, np.float64), out_size), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got, ref_adaptive_avg_pool(np.asarray(x, np.float64), out_size), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_adaptive_avg_pool_known_values_and_int_size():
@@ -148,10 +157,15 @@ def test_resize_align_corners_matches_loop_reference(shape, out_size):
     x = rand(shape, seed=1)
     got = resize_align_corners(x, out_size)
     assert got.shape == (shape[0], *out_size, shape[-1])
-    np.testing.assert_allclose(got, ref_resize_align_corners(np.asarray(x, np.float64), out_size), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got, ref_resize_align_corners(np.asarray(x, np.float64), out_size), rtol=1e-5, atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("shape,out_size", [((2, 4, 5, 3), (7, 13)), ((2, 9, 7, 3), (4, 3)), ((1, 3, 4, 5, 2), (6, 7, 2))])
+@pytest.mark.parametrize(
+    "shape,out_size",
+    [((2, 4, 5, 3), (7, 13)), ((2, 9, 7, 3), (4, 3)), ((1, 3, 4, 5, 2), (6, 7, 2))],
+)
 def test_resize_align_corners_preserves_corners_exactly(shape, out_size):
     x = rand(shape, seed=2)
     got = np.asarray(resize_align_corners(x, out_size))
@@ -167,10 +181,25 @@ def test_resize_align_corners_known_values_and_single_output():
     np.testing.assert_array_equal(resize_align_corners(x, 1)[0, :, 0], [0.0])
 
 
+def test_resample_applies_any_matrix_axis_by_axis():
+    def nearest(length_in, length_out):  # output o copies input floor(o L_in / L_out)
+        return np.eye(length_in)[np.arange(length_out) * length_in // length_out]
+
+    x = jnp.arange(2 * 3 * 2 * 1, dtype=jnp.float32).reshape(2, 3, 2, 1)
+    got = resample(x, (6, 2), nearest)  # the second axis keeps its size: left as it is
+    np.testing.assert_array_equal(got, np.repeat(np.asarray(x), 2, axis=1))
+    mean = resample(x, 1, lambda length_in, length_out: np.full((1, length_in), 1 / length_in))
+    np.testing.assert_allclose(mean, np.asarray(x).mean(axis=(1, 2), keepdims=True), rtol=1e-6)
+    with pytest.raises(ValueError, match="my_resize"):
+        resample(x, (2, 2, 2), nearest, "my_resize")
+
+
 def test_resize_align_corners_is_linear_in_coordinates():
     # A linear ramp is reproduced exactly by linear interpolation, at any size.
-    ramp = jnp.linspace(-1.0, 3.0, 6).reshape(1, 6, 1, 1) + jnp.linspace(0.0, 2.0, 4).reshape(1, 1, 4, 1)
-    want = jnp.linspace(-1.0, 3.0, 11).reshape(1, 11, 1, 1) + jnp.linspace(0.0, 2.0, 3).reshape(1, 1, 3, 1)
+    rows, cols = jnp.linspace(-1.0, 3.0, 6), jnp.linspace(0.0, 2.0, 4)
+    ramp = rows.reshape(1, 6, 1, 1) + cols.reshape(1, 1, 4, 1)
+    rows, cols = jnp.linspace(-1.0, 3.0, 11), jnp.linspace(0.0, 2.0, 3)
+    want = rows.reshape(1, 11, 1, 1) + cols.reshape(1, 1, 3, 1)
     np.testing.assert_allclose(resize_align_corners(ramp, (11, 3)), want, atol=1e-6)
 
 
@@ -206,13 +235,19 @@ def test_pyramid_pooling_train_uses_batch_stats_and_updates_running_stats():
     model = PyramidPooling(bins=bins, reduction_channels=2)
     variables = random_variables(model, x, seed=8)
     got, updates = apply(model, variables, x, train=True, mutable=["batch_stats"])
-    want, stats = ref_pyramid_pooling(np.asarray(x, np.float64), variables, bins, batch_stats_from_input=True)
+    want, stats = ref_pyramid_pooling(
+        np.asarray(x, np.float64), variables, bins, batch_stats_from_input=True
+    )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for i, (mean, var) in stats.items():
         old = variables["batch_stats"][f"bin{i}_norm"]
         new = updates["batch_stats"][f"bin{i}_norm"]
-        np.testing.assert_allclose(new["mean"], 0.9 * np.asarray(old["mean"]) + 0.1 * mean, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(new["var"], 0.9 * np.asarray(old["var"]) + 0.1 * var, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            new["mean"], 0.9 * np.asarray(old["mean"]) + 0.1 * mean, rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            new["var"], 0.9 * np.asarray(old["var"]) + 0.1 * var, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_pyramid_pooling_without_norm_uses_biased_conv():
@@ -230,9 +265,14 @@ def test_pyramid_pooling_without_norm_uses_biased_conv():
 
 def test_pyramid_pooling_channel_counts():
     x = jnp.zeros((1, 6, 6, 12))
-    for bins, reduction, channels in [((1, 2, 3, 6), None, 12 + 4 * 3), ((1, 2), 5, 12 + 2 * 5), ((2,), None, 24)]:
+    for bins, reduction, channels in [
+        ((1, 2, 3, 6), None, 12 + 4 * 3),
+        ((1, 2), 5, 12 + 2 * 5),
+        ((2,), None, 24),
+    ]:
         model = PyramidPooling(bins=bins, reduction_channels=reduction)
-        assert jax.eval_shape(model.init_with_output, jax.random.key(0), x)[0].shape == (1, 6, 6, channels)
+        out, _ = jax.eval_shape(model.init_with_output, jax.random.key(0), x)
+        assert out.shape == (1, 6, 6, channels)
 
 
 # ---------------------------------------------------------------- gradients, dtypes, transforms
@@ -251,7 +291,9 @@ def test_check_grads_resampling_functions():
             check_grads(jax.jit(fn), (x,), order=1, modes=("fwd", "rev"))
 
 
-@pytest.mark.parametrize("shape,train", [((2, 6, 5, 4), False), ((2, 6, 5, 4), True), ((2, 4, 3, 5, 4), False)])
+@pytest.mark.parametrize(
+    "shape,train", [((2, 6, 5, 4), False), ((2, 6, 5, 4), True), ((2, 4, 3, 5, 4), False)]
+)
 def test_check_grads_pyramid_pooling(shape, train):
     with jax.enable_x64(True):
         x = rand(shape, seed=12, dtype=jnp.float64)
@@ -261,7 +303,9 @@ def test_check_grads_pyramid_pooling(shape, train):
         params, stats = variables["params"], variables["batch_stats"]
 
         def f(params, x):
-            out = model.apply({"params": params, "batch_stats": stats}, x, train=train, mutable=["batch_stats"])
+            out = model.apply(
+                {"params": params, "batch_stats": stats}, x, train=train, mutable=["batch_stats"]
+            )
             return out[0]
 
         check_grads(jax.jit(f), (params, x), order=1, modes=("fwd", "rev"))

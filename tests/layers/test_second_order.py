@@ -10,7 +10,13 @@ import pytest
 from jax.test_util import check_grads
 
 from jaxmed.layers import SecondOrderPooling
-from tests.layers.test_attention import EPS, np_batch_norm, np_dense, np_sigmoid, randomise_variables
+from tests.layers.test_attention import (
+    EPS,
+    np_batch_norm,
+    np_dense,
+    np_sigmoid,
+    randomise_variables,
+)
 
 D = 3  # reduced channels
 SHAPES = {"2d": (3, 4, 5, 6), "3d": (2, 2, 3, 4, 6)}
@@ -37,7 +43,9 @@ def np_norm(z, norm, params, stats, train, feature_axis):
 def np_reduced(x, v, norm, train):
     """ReLU(norm(1x1 conv C -> d)), flattened to (B, N, d)."""
     p, s = v["params"], v.get("batch_stats", {})
-    z = np_norm(np_dense(x, p["reduce"]), norm, p.get("reduce_norm"), s.get("reduce_norm"), train, -1)
+    z = np_norm(
+        np_dense(x, p["reduce"]), norm, p.get("reduce_norm"), s.get("reduce_norm"), train, -1
+    )
     return np.maximum(z, 0.0).reshape(x.shape[0], -1, z.shape[-1])
 
 
@@ -50,7 +58,8 @@ def np_gsop(x, v, norm, train, activation=lambda t: t):
     cov = np.einsum("bnd,nm,bmk->bdk", z, i_bar, z)  # X Ī Xᵀ, X = z[b].T of shape d x N
     cov = np_norm(cov, norm, p.get("row_norm"), s.get("row_norm"), train, 1)
     w, b = (np.asarray(p["row_conv"][k], np.float64) for k in ("kernel", "bias"))
-    rows = np.stack([cov[:, i, :] @ w[i].T + b[i] for i in range(cov.shape[1])], axis=1)  # (B, d, 4)
+    # rows: (B, d, 4)
+    rows = np.stack([cov[:, i, :] @ w[i].T + b[i] for i in range(cov.shape[1])], axis=1)
     weight = np_sigmoid(np_dense(activation(rows.reshape(x.shape[0], -1)), p["expand"]))  # (B, C)
     return x * weight.reshape(x.shape[0], *(1,) * (x.ndim - 2), -1), weight
 
@@ -75,7 +84,9 @@ def _apply(module, v, x, train, mutable=(), **kw):
 @pytest.mark.parametrize("dims", ["2d", "3d"])
 def test_covariance_and_forward_match_numpy(norm, train, dims):
     x, module, v = _setup(norm, dims)
-    (y, weight), state = _apply(module, v, x, train, mutable=["intermediates"], return_attention=True)
+    (y, weight), state = _apply(
+        module, v, x, train, mutable=["intermediates"], return_attention=True
+    )
     # Σ is the biased covariance of the reduced features over all positions.
     (cov,) = state["intermediates"]["covariance"]
     assert cov.shape == (x.shape[0], D, D) and cov.dtype == jnp.float32
@@ -94,8 +105,12 @@ def test_batch_norm_running_statistics_update():
     _, state = _apply(module, v, x, True)
     z = np_dense(x.astype(np.float64), v["params"]["reduce"])
     old, new = v["batch_stats"]["reduce_norm"], state["batch_stats"]["reduce_norm"]
-    np.testing.assert_allclose(new["mean"], 0.9 * old["mean"] + 0.1 * z.mean(axis=(0, 1, 2)), rtol=1e-5)
-    np.testing.assert_allclose(new["var"], 0.9 * old["var"] + 0.1 * z.var(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * old["mean"] + 0.1 * z.mean(axis=(0, 1, 2)), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * old["var"] + 0.1 * z.var(axis=(0, 1, 2)), rtol=1e-5
+    )
     assert new["mean"].shape == (D,) and state["batch_stats"]["row_norm"]["mean"].shape == (D,)
 
 
@@ -124,7 +139,9 @@ def test_hidden_activation_is_applied_between_row_conv_and_expand():
     x, module, v = _setup("layer", "3d")
     module = module.clone(hidden_activation=nn.relu)
     y = module.apply(v, x)
-    y_ref, _ = np_gsop(x.astype(np.float64), v, "layer", False, activation=lambda t: np.maximum(t, 0.0))
+    y_ref, _ = np_gsop(
+        x.astype(np.float64), v, "layer", False, activation=lambda t: np.maximum(t, 0.0)
+    )
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-6)
     y_linear, _ = np_gsop(x.astype(np.float64), v, "layer", False)
     assert np.abs(np.asarray(y) - y_linear).max() > 1e-3
@@ -182,7 +199,9 @@ def test_bfloat16_forward_is_finite_with_float32_covariance(norm, dims):
     assert np.all(np.isfinite(np.asarray(y, np.float32)))
     assert state["intermediates"]["covariance"][0].dtype == jnp.float32
     v16 = jax.tree.map(lambda t: t.astype(jnp.bfloat16), v)
-    assert np.all(np.isfinite(np.asarray(module.clone(param_dtype=jnp.bfloat16).apply(v16, x), np.float32)))
+    assert np.all(
+        np.isfinite(np.asarray(module.clone(param_dtype=jnp.bfloat16).apply(v16, x), np.float32))
+    )
 
 
 @pytest.mark.parametrize("dims", ["2d", "3d"])
@@ -192,7 +211,9 @@ def test_jit_and_vmap_agree_with_eager(dims):
     v = randomise_variables(module.init(jax.random.key(0), x[0]))
     eager = np.stack([module.apply(v, xi) for xi in x])
     np.testing.assert_allclose(jax.jit(module.apply)(v, x[0]), eager[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(jax.vmap(lambda xi: module.apply(v, xi))(x), eager, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(lambda xi: module.apply(v, xi))(x), eager, rtol=1e-5, atol=1e-6
+    )
     step = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))
     y, state = step(v, x[0])
     assert y.shape == x[0].shape and set(state["batch_stats"]) == {"reduce_norm", "row_norm"}

@@ -27,7 +27,11 @@ def _random_params(module, x, seed=0):
     """Random cores and bias of the module's shapes (the init scale is tested separately)."""
     rng = np.random.default_rng(seed)
     shapes = _param_shapes(module, x)
-    return {"params": {name: jnp.asarray(rng.normal(size=s.shape), s.dtype) for name, s in shapes.items()}}
+    return {
+        "params": {
+            name: jnp.asarray(rng.normal(size=s.shape), s.dtype) for name, s in shapes.items()
+        }
+    }
 
 
 def _apply(module, variables, x):
@@ -94,7 +98,8 @@ def numpy_conv(x, kernel, strides, padding, dilation):
     y = np.zeros((x.shape[0], *out, kernel.shape[-1]))
     for t in np.ndindex(*ks):
         window = tuple(
-            slice(ti * dl, ti * dl + (o - 1) * s + 1, s) for ti, dl, o, s in zip(t, dilation, out, strides)
+            slice(ti * dl, ti * dl + (o - 1) * s + 1, s)
+            for ti, dl, o, s in zip(t, dilation, out, strides)
         )
         y += xp[(slice(None), *window)] @ kernel[t]
     return y
@@ -133,7 +138,9 @@ def test_dense_weight_and_forward_match_tensorly(in_modes, out_modes, ranks):
     params = variables["params"]
     w_ref = tensorly_dense(params, n_in, n_out)
     np.testing.assert_allclose(tt_full_weight(params), w_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(w_ref, formula_dense(_channel_cores(params), in_modes, out_modes), atol=1e-12)
+    np.testing.assert_allclose(
+        w_ref, formula_dense(_channel_cores(params), in_modes, out_modes), atol=1e-12
+    )
     y_ref = np.asarray(x, np.float64) @ w_ref + np.asarray(params["bias"])
     y = _apply(layer, variables, x)
     assert y.shape == (3, 2, n_out)
@@ -148,9 +155,9 @@ def test_dense_param_count(in_modes, out_modes, ranks, use_bias):
     count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
     assert count == tt_num_params(in_modes, out_modes, ranks, use_bias=use_bias)
     r = (1, *(ranks,) * (len(in_modes) - 1), 1) if isinstance(ranks, int) else ranks
-    assert count == sum(r[k] * n * m * r[k + 1] for k, (n, m) in enumerate(zip(in_modes, out_modes))) + (
-        math.prod(out_modes) if use_bias else 0
-    )
+    assert count == sum(
+        r[k] * n * m * r[k + 1] for k, (n, m) in enumerate(zip(in_modes, out_modes))
+    ) + (math.prod(out_modes) if use_bias else 0)
 
 
 @pytest.mark.parametrize("init_target", ["glorot", "he"])
@@ -180,7 +187,8 @@ CONV_KERNEL_CASES = [
 def test_conv_kernel_matches_tensorly_and_formula(kernel_size, in_modes, out_modes, ranks):
     c_in, c_out = math.prod(in_modes), math.prod(out_modes)
     x = jnp.ones((1, *(5,) * len(kernel_size), c_in))
-    params = _random_params(TTConv(in_modes, out_modes, ranks, kernel_size=kernel_size), x)["params"]
+    layer = TTConv(in_modes, out_modes, ranks, kernel_size=kernel_size)
+    params = _random_params(layer, x)["params"]
     k_ref = tensorly_kernel(params, kernel_size, c_in, c_out)
     np.testing.assert_allclose(tt_full_weight(params), k_ref, rtol=1e-5, atol=1e-6)
     # K[*t, c, s] = G_0[*t, :] @ (G_1 ... G_d)[:, c, s] from the formula, entry by entry.
@@ -210,7 +218,13 @@ def test_conv_forward_matches_numpy_conv(kernel_size, forward, strides, padding)
         padding = [(1, 2), (0, 1), (2, 0)][:nsp]
     x = jax.random.normal(jax.random.key(3), (2, *(7, 6, 5)[:nsp], 6))
     layer = TTConv(
-        in_modes, out_modes, ranks, kernel_size=kernel_size, strides=strides, padding=padding, forward=forward
+        in_modes,
+        out_modes,
+        ranks,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        forward=forward,
     )
     variables = _random_params(layer, x)
     params = variables["params"]
@@ -226,7 +240,14 @@ def test_conv_forward_matches_numpy_conv(kernel_size, forward, strides, padding)
 def test_conv_dilation_and_int_padding(forward):
     x = jax.random.normal(jax.random.key(4), (1, 9, 8, 4))
     layer = TTConv(
-        (2, 2), (2, 2), 2, kernel_size=(3, 2), kernel_dilation=(2, 1), padding=1, strides=(1, 2), forward=forward
+        (2, 2),
+        (2, 2),
+        2,
+        kernel_size=(3, 2),
+        kernel_dilation=(2, 1),
+        padding=1,
+        strides=(1, 2),
+        forward=forward,
     )
     variables = _random_params(layer, x)
     kernel = tensorly_kernel(variables["params"], (3, 2), 4, 4)
@@ -242,7 +263,9 @@ def test_conv_param_count(kernel_size, in_modes, out_modes, ranks, use_bias):
     layer = TTConv(in_modes, out_modes, ranks, kernel_size=kernel_size, use_bias=use_bias)
     params = _param_shapes(layer, x)
     count = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-    assert count == tt_num_params(in_modes, out_modes, ranks, kernel_size=kernel_size, use_bias=use_bias)
+    assert count == tt_num_params(
+        in_modes, out_modes, ranks, kernel_size=kernel_size, use_bias=use_bias
+    )
     r = (*(ranks,) * len(in_modes), 1) if isinstance(ranks, int) else ranks
     expected = math.prod(kernel_size) * r[0] + sum(
         r[k] * n * m * r[k + 1] for k, (n, m) in enumerate(zip(in_modes, out_modes))
@@ -282,7 +305,13 @@ def test_dense_grads():
 @pytest.mark.parametrize("kernel_size", [(3, 3), (2, 2, 2)])
 def test_conv_grads(forward, kernel_size):
     layer = TTConv(
-        (2, 2), (2, 2), (2, 2, 1), kernel_size=kernel_size, strides=2, forward=forward, param_dtype=jnp.float64
+        (2, 2),
+        (2, 2),
+        (2, 2, 1),
+        kernel_size=kernel_size,
+        strides=2,
+        forward=forward,
+        param_dtype=jnp.float64,
     )
     x = np.random.default_rng(1).normal(size=(1, *(4,) * len(kernel_size), 4))
     _grad_check(layer, x)
@@ -323,8 +352,12 @@ def test_bfloat16_forward_is_finite(layer, shape):
 def test_jit_and_vmap(layer, shape):
     x = jax.random.normal(jax.random.key(5), (2, *shape))
     variables = _random_params(layer, x[0])
-    y_ref = np.stack([_reference_output(layer, variables["params"], np.asarray(xi, np.float64)) for xi in x])
-    np.testing.assert_allclose(jax.jit(layer.apply)(variables, x[0]), y_ref[0], rtol=1e-5, atol=1e-4)
+    y_ref = np.stack(
+        [_reference_output(layer, variables["params"], np.asarray(xi, np.float64)) for xi in x]
+    )
+    np.testing.assert_allclose(
+        jax.jit(layer.apply)(variables, x[0]), y_ref[0], rtol=1e-5, atol=1e-4
+    )
     # Nested vmap: over an extra leading axis, then over the batch axis, so the
     # layer itself sees single unbatched examples.
     per_example = jax.vmap(jax.vmap(layer.apply, in_axes=(None, 0)), in_axes=(None, 0))
@@ -333,7 +366,11 @@ def test_jit_and_vmap(layer, shape):
 
 @pytest.mark.parametrize(
     "modes,ranks,kernel_size,expected_path",
-    [((4, 4), 4, (3, 3), "kernel"), ((4, 4, 4, 4), 1, (3, 3), "cores"), ((8, 8), 1, (3, 3, 3), "cores")],
+    [
+        ((4, 4), 4, (3, 3), "kernel"),
+        ((4, 4, 4, 4), 1, (3, 3), "cores"),
+        ((8, 8), 1, (3, 3, 3), "cores"),
+    ],
 )
 def test_conv_auto(modes, ranks, kernel_size, expected_path):
     # 'auto' picks by the multiply-add ratio (see the TTConv docstring) and is exact either way.
@@ -343,7 +380,9 @@ def test_conv_auto(modes, ranks, kernel_size, expected_path):
     x = jax.random.normal(jax.random.key(6), (1, *(4,) * len(kernel_size), math.prod(modes)))
     variables = jax.tree.map(lambda p: 0.5 * p, _random_params(layer, x))
     y_ref = _reference_output(layer, variables["params"], np.asarray(x, np.float64))
-    np.testing.assert_allclose(_apply(layer, variables, x), y_ref, rtol=1e-5, atol=1e-4 * np.abs(y_ref).max())
+    np.testing.assert_allclose(
+        _apply(layer, variables, x), y_ref, rtol=1e-5, atol=1e-4 * np.abs(y_ref).max()
+    )
 
 
 @pytest.mark.parametrize(
@@ -365,12 +404,18 @@ def test_rank_validation(make):
     with pytest.raises(ValueError, match="ranks|modes"):
         _param_shapes(layer, x)
     with pytest.raises(ValueError):
-        tt_num_params(layer.in_modes, layer.out_modes, layer.ranks, getattr(layer, "kernel_size", None))
+        tt_num_params(
+            layer.in_modes, layer.out_modes, layer.ranks, getattr(layer, "kernel_size", None)
+        )
 
 
 def test_int_ranks_meaning():
     dense = _param_shapes(TTDense((2, 2, 2), (2, 2, 2), 3), jnp.ones((1, 8)))
-    assert [dense[f"core_{k}"].shape for k in range(3)] == [(1, 2, 2, 3), (3, 2, 2, 3), (3, 2, 2, 1)]
+    assert [dense[f"core_{k}"].shape for k in range(3)] == [
+        (1, 2, 2, 3),
+        (3, 2, 2, 3),
+        (3, 2, 2, 1),
+    ]
     conv = _param_shapes(TTConv((2, 2), (2, 2), 3, kernel_size=(3, 3)), jnp.ones((1, 4, 4, 4)))
     assert conv["spatial_core"].shape == (3, 3, 3)
     assert [conv[f"core_{k}"].shape for k in range(2)] == [(3, 2, 2, 3), (3, 2, 2, 1)]

@@ -36,7 +36,9 @@ def ref_module(f, params, cr, alpha, t):
     """F* = Conv1x1(sigmoid(Dense(relu(Dense(maxpool(M))))) * M), M = [D, S]."""
     m = np.concatenate([ref_discriminative(f, cr, alpha), ref_irrelevant(f, t)], axis=-1)
     w1 = m.max(axis=spatial_axes(f))
-    w2 = np.maximum(w1 @ np.asarray(params["squeeze"]["kernel"]) + np.asarray(params["squeeze"]["bias"]), 0)
+    w2 = np.maximum(
+        w1 @ np.asarray(params["squeeze"]["kernel"]) + np.asarray(params["squeeze"]["bias"]), 0
+    )
     w3 = w2 @ np.asarray(params["excite"]["kernel"]) + np.asarray(params["excite"]["bias"])
     weights = 1.0 / (1.0 + np.exp(-w3))
     mw = m * weights.reshape(w3.shape[0], *(1,) * (f.ndim - 2), -1)
@@ -88,7 +90,9 @@ def random_params(model, x, seed):
 def test_discriminative_matches_formula(shape, alpha):
     f = relu_features(shape, seed=1)
     got = suppress_discriminative(jnp.asarray(f), cr=0.7, alpha=alpha)
-    np.testing.assert_allclose(got, ref_discriminative(f.astype(np.float64), 0.7, alpha), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        got, ref_discriminative(f.astype(np.float64), 0.7, alpha), rtol=1e-5, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.8])
@@ -137,14 +141,18 @@ def test_thresholds_are_per_sample_and_per_channel(fn):
     base = np.asarray(fn(jnp.asarray(pattern)))[0, ..., 0]
     for b in range(2):
         for c in range(3):
-            np.testing.assert_allclose(got[b, ..., c], scales[b, c] * base, rtol=1e-5, atol=1e-7 * scales[b, c])
+            np.testing.assert_allclose(
+                got[b, ..., c], scales[b, c] * base, rtol=1e-5, atol=1e-7 * scales[b, c]
+            )
 
 
 def test_discriminative_gradient_holds_max_constant():
     f = relu_features((2, 5, 6, 3), seed=5)
     w = np.random.default_rng(6).normal(size=f.shape).astype(np.float32)
     alpha, cr = 0.7, 0.8
-    grad = np.asarray(jax.grad(lambda x: jnp.sum(w * suppress_discriminative(x, cr, alpha)))(jnp.asarray(f)))
+    grad = np.asarray(
+        jax.grad(lambda x: jnp.sum(w * suppress_discriminative(x, cr, alpha)))(jnp.asarray(f))
+    )
     m = f.max(axis=(1, 2), keepdims=True)
     thr = cr * m
     # d/dF [T (F/T)^α] with T constant, for 0 < F < T; zero where D = 0 (F >= T, incl. the max).
@@ -160,15 +168,21 @@ def test_discriminative_gradient_finite_at_zero_and_all_zero_channel():
     f[0, :2, :, 0] = 0.0
     assert (f == 0).sum() > 10
     for alpha in (0.1, 0.5, 0.8):
-        fn = lambda x: jnp.sum(suppress_discriminative(x, 0.8, alpha))
-        value, grad = jax.value_and_grad(fn)(jnp.asarray(f))
+        def total(x):
+            return jnp.sum(suppress_discriminative(x, 0.8, alpha))
+
+        value, grad = jax.value_and_grad(total)(jnp.asarray(f))
         grad = np.asarray(grad)
         assert np.isfinite(value) and np.all(np.isfinite(grad))
         assert np.all(grad[f == 0] >= 0)
         np.testing.assert_array_equal(grad[1, ..., 2], 0.0)
-        np.testing.assert_array_equal(np.asarray(suppress_discriminative(jnp.asarray(f), 0.8, alpha))[1, ..., 2], 0.0)
+        np.testing.assert_array_equal(
+            np.asarray(suppress_discriminative(jnp.asarray(f), 0.8, alpha))[1, ..., 2], 0.0
+        )
     zeros = jnp.zeros((1, 4, 4, 2))
-    assert np.all(np.isfinite(np.asarray(jax.grad(lambda x: suppress_discriminative(x).sum())(zeros))))
+    assert np.all(
+        np.isfinite(np.asarray(jax.grad(lambda x: suppress_discriminative(x).sum())(zeros)))
+    )
 
 
 def test_negative_inputs_are_zeroed():
@@ -180,7 +194,9 @@ def test_negative_inputs_are_zeroed():
         neg = np.asarray(x)[0, :, 0, 0] < 0
         np.testing.assert_array_equal(d[neg], 0.0)
         np.testing.assert_array_equal(s[neg], 0.0)
-        assert np.all(np.isfinite(np.asarray(jax.grad(lambda v: suppress_discriminative(v).sum())(x))))
+        assert np.all(
+            np.isfinite(np.asarray(jax.grad(lambda v: suppress_discriminative(v).sum())(x)))
+        )
 
 
 def test_hyper_parameters_are_validated():
@@ -232,7 +248,8 @@ def test_module_matches_reference(shape):
 def test_module_parameter_shapes():
     model = ThresholdSuppression()
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4, 4, 6)))["params"]
-    assert shapes["squeeze"]["kernel"].shape == (12, 6) and shapes["excite"]["kernel"].shape == (6, 12)
+    assert shapes["squeeze"]["kernel"].shape == (12, 6)
+    assert shapes["excite"]["kernel"].shape == (6, 12)
     assert shapes["project"]["kernel"].shape == (1, 1, 12, 6)
 
 
@@ -243,9 +260,16 @@ def test_check_grads_branch_functions():
     with jax.enable_x64(True):
         for shape in [(2, 4, 5, 3), (1, 3, 3, 4, 2)]:
             free, anchor = away_from_thresholds(shape, seed=13, cr=0.8, t=0.4)
-            for fn in (lambda x: suppress_discriminative(x, 0.8, 0.8), lambda x: suppress_irrelevant(x, 0.4)):
-                check_grads(jax.jit(lambda z: fn(with_anchor(z, anchor))), (jnp.asarray(free),), order=1,
-                            modes=("fwd", "rev"))
+            for fn in (
+                lambda x: suppress_discriminative(x, 0.8, 0.8),
+                lambda x: suppress_irrelevant(x, 0.4),
+            ):
+                check_grads(
+                    jax.jit(lambda z: fn(with_anchor(z, anchor))),
+                    (jnp.asarray(free),),
+                    order=1,
+                    modes=("fwd", "rev"),
+                )
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 5, 3), (1, 3, 3, 4, 2)])
@@ -281,9 +305,14 @@ def test_jit_and_vmap():
     model = ThresholdSuppression()
     params = random_params(model, f[0], seed=19)
     per_slice = np.stack([jax.jit(model.apply)(params, jnp.asarray(fi)) for fi in f])
-    np.testing.assert_allclose(model.apply(params, jnp.asarray(f[0])), per_slice[0], rtol=1e-5, atol=1e-6)  # eager
+    np.testing.assert_allclose(
+        model.apply(params, jnp.asarray(f[0])), per_slice[0], rtol=1e-5, atol=1e-6
+    )  # eager
     vmapped = jax.jit(jax.vmap(model.apply, in_axes=(None, 0)))(params, jnp.asarray(f))
     np.testing.assert_allclose(vmapped, per_slice, rtol=1e-5, atol=1e-6)
-    branches = jax.vmap(lambda x: suppress_discriminative(x) + suppress_irrelevant(x))(jnp.asarray(f))
-    want = np.stack([ref_discriminative(fi, 0.8, 0.8) + ref_irrelevant(fi, 0.4) for fi in f.astype(np.float64)])
+    both = jax.vmap(lambda x: suppress_discriminative(x) + suppress_irrelevant(x))
+    branches = both(jnp.asarray(f))
+    want = np.stack(
+        [ref_discriminative(fi, 0.8, 0.8) + ref_irrelevant(fi, 0.4) for fi in f.astype(np.float64)]
+    )
     np.testing.assert_allclose(branches, want, rtol=1e-5, atol=1e-6)
