@@ -1,6 +1,10 @@
 """Data layer: readers with errors that name the file, splits, and the synthetic datasets.
 
-- `nifti`, `synthetic_vagan`: NIfTI volumes and the VA-GAN protocol (SPEC S0).
-- `images`: 2-D image files; `synthetic_wsol`, `wsol_folder`: the localisation data (SPEC S1).
-- `letterbox`, `segmentation_folder`, `synthetic_kidney`, `augment`: segmentation data (SPEC S4).
+- `split` (`train_val_split`, seeded and optionally stratified) and `transforms` (`pad_to_multiple`,
+  `crop_back`): shared by every system.
+- `nifti`, `synthetic_vagan`: NIfTI volumes and the VA-GAN protocol (`docs/mapping_gan.md`).
+- `images`: 2-D image files; `synthetic_wsol`, `wsol_folder`: the localisation data
+  (`docs/wsol.md`).
+- `letterbox`, `segmentation_folder`, `synthetic_kidney`, `augment`: segmentation data
+  (`docs/segmentation.md`).
 """

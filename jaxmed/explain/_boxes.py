@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["cam_boxes", "cam_mask", "normalize_cams"]
+__all__ = ["EMPTY_BOX", "cam_boxes", "cam_levels", "cam_mask", "contour_boxes", "normalize_cams",
+           "threshold_level"]
 
 CONNECTIVITY_8 = np.ones((3, 3), bool)  # foreground components (outer borders)
 CONNECTIVITY_4 = ndimage.generate_binary_structure(2, 1)  # background components (holes)
@@ -61,7 +62,8 @@ def normalize_cams(cams: Any) -> np.ndarray:
     """
     maps = np.array(cams, dtype=np.float64)  # a copy: normalised in place below
     if maps.ndim not in (2, 3) or maps.shape[-1] == 0 or maps.shape[-2] == 0:
-        raise ValueError(f"CAMs must have shape (H, W) or (N, H, W) with H, W >= 1, got {maps.shape}")
+        raise ValueError(f"CAMs must have shape (H, W) or (N, H, W) with H, W >= 1, got "
+                         f"{maps.shape}")
     axes = (-2, -1)
     finite = np.isfinite(maps).all(axis=axes, keepdims=True)
     if not finite.all():
@@ -198,7 +200,8 @@ def top_level_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     inside = (corners > 0).sum(axis=0)  # filled corners per 2×2 window: [H-1, W-1]
     # Corners of one window that are in the filled set are 8-adjacent, so share one label.
     per_window = (2 * (inside == 4) + (inside == 3)).ravel()
-    twice_area = np.bincount(corners.max(axis=0).ravel(), weights=per_window, minlength=count + 1)[1:]
+    twice_area = np.bincount(corners.max(axis=0).ravel(), weights=per_window,
+                             minlength=count + 1)[1:]
     raster = np.arange(labels.size).reshape(labels.shape)
     first_pixel = ndimage.minimum(raster, labels, index=np.arange(1, count + 1))
     return labels, twice_area.astype(np.int64), np.asarray(first_pixel, np.int64).reshape(-1)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmed.layers._pyramid import _resample
+from jaxmed.layers import resample
 
 __all__ = ["cam", "grad_cam", "resize_maps"]
 
@@ -100,7 +100,7 @@ def resize_maps(maps: jax.Array, size: int | Sequence[int], *, method: str = "cu
     if not jnp.issubdtype(maps.dtype, jnp.floating):
         maps = maps.astype(jnp.float32)
     matrix = _cubic_matrix if method == "cubic" else _linear_matrix
-    return _resample(maps[..., None], size, matrix, "resize_maps")[..., 0]  # [B, *size]
+    return resample(maps[..., None], size, matrix, "resize_maps")[..., 0]  # [B, *size]
 
 
 # ----------------------------------------------------------------------------
@@ -112,7 +112,8 @@ def _degenerate(maps: jax.Array) -> jax.Array:
     """Per map `[B, 1..]`: True when it is constant or holds a NaN or ±inf."""
     axes = tuple(range(1, maps.ndim))
     finite = jnp.all(jnp.isfinite(maps), axis=axes, keepdims=True)
-    return ~finite | (jnp.min(maps, axis=axes, keepdims=True) == jnp.max(maps, axis=axes, keepdims=True))
+    constant = jnp.min(maps, axis=axes, keepdims=True) == jnp.max(maps, axis=axes, keepdims=True)
+    return ~finite | constant
 
 
 def _normalize_scoremap(maps: jax.Array) -> jax.Array:
@@ -184,7 +185,8 @@ def _module_path(module: nn.Module) -> str:
     return "/".join(module.scope.path) if module.scope is not None else ""
 
 
-def _probe_layer(model: nn.Module, variables: Any, image: jax.Array, layer: str, apply_kwargs: dict):
+def _probe_layer(model: nn.Module, variables: Any, image: jax.Array, layer: str,
+                 apply_kwargs: dict):
     """Shape-only pass: the output shape/dtype of `layer` (must be called exactly once)."""
     paths, found = [], []
 
@@ -194,7 +196,8 @@ def _probe_layer(model: nn.Module, variables: Any, image: jax.Array, layer: str,
             paths.append(path)  # before the call: parents are listed before their children
         out = next_fun(*args, **kwargs)
         if path == layer:  # keep only the shape: `out` is a tracer of the shape pass
-            found.append(jax.ShapeDtypeStruct(out.shape, out.dtype) if isinstance(out, jax.Array) else out)
+            is_array = isinstance(out, jax.Array)
+            found.append(jax.ShapeDtypeStruct(out.shape, out.dtype) if is_array else out)
         return out
 
     def run(v, x):
@@ -203,10 +206,11 @@ def _probe_layer(model: nn.Module, variables: Any, image: jax.Array, layer: str,
 
     jax.eval_shape(run, variables, image)
     if not found:
-        raise ValueError(
-            f"layer {layer!r} is not a submodule called by the model; available: {', '.join(paths)}")
+        raise ValueError(f"layer {layer!r} is not a submodule called by the model; available: "
+                         f"{', '.join(paths)}")
     if len(found) > 1:
-        raise ValueError(f"layer {layer!r} is called {len(found)} times; Grad-CAM needs a single activation")
+        raise ValueError(f"layer {layer!r} is called {len(found)} times; Grad-CAM needs a single "
+                         "activation")
     out = found[0]
     if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim < 3:
         raise ValueError(f"layer {layer!r} must output one (B, *spatial, C) array, got {out}")
@@ -317,7 +321,8 @@ def grad_cam(
             out = _select_output(model.apply(variables, image[None], **apply_kwargs), output)
         y = score_fn(jax.tree.map(_drop_batch_of_one, out), index)
         if jnp.shape(y) != ():
-            raise ValueError(f"the target score of one sample must be a scalar, got shape {jnp.shape(y)}")
+            raise ValueError("the target score of one sample must be a scalar, got shape "
+                             f"{jnp.shape(y)}")
         return jnp.asarray(y, jnp.float32), seen[0]
 
     def one_sample(image, index):

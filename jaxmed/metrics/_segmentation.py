@@ -1,5 +1,5 @@
-"""Segmentation metrics from hard predictions (SPEC S4): a confusion matrix on device, then
-per-class Dice and IoU from it.
+"""Segmentation metrics from hard predictions (`docs/segmentation.md`): a confusion matrix on
+device, then per-class Dice and IoU from it.
 
 Accumulate over a dataset by summing the per-batch matrices (counts add), then score once:
 
@@ -30,7 +30,8 @@ def _raise_if_invalid(num_invalid: Array, *, num_classes: int) -> None:
         )
 
 
-def confusion_matrix(predictions: Array, labels: Array, num_classes: int, *, ignore_index: int | None = None) -> Array:
+def confusion_matrix(predictions: Array, labels: Array, num_classes: int, *,
+                     ignore_index: int | None = None) -> Array:
     """Pixel counts per (true class, predicted class).
 
     `confusion[t, p]` = number of pixels with label `t` and prediction `p`; pixels whose label is
@@ -53,7 +54,8 @@ def confusion_matrix(predictions: Array, labels: Array, num_classes: int, *, ign
     """
     predictions, labels = jnp.asarray(predictions), jnp.asarray(labels)
     if predictions.shape != labels.shape:
-        raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} must have one shape")
+        raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} must have "
+                         "one shape")
     for name, x in (("predictions", predictions), ("labels", labels)):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{name} must be integer class indices, got dtype {x.dtype}")
@@ -63,10 +65,13 @@ def confusion_matrix(predictions: Array, labels: Array, num_classes: int, *, ign
         return (x >= 0) & (x < num_classes)
 
     valid = counted & in_range(labels) & in_range(predictions)
-    jax.debug.callback(functools.partial(_raise_if_invalid, num_classes=num_classes), jnp.sum(counted & ~valid))
+    jax.debug.callback(functools.partial(_raise_if_invalid, num_classes=num_classes),
+                       jnp.sum(counted & ~valid))
     # Uncounted pixels go to bin 0 with weight 0; int32 counts are exact.
-    bins = jnp.where(valid, labels.astype(jnp.int32) * num_classes + predictions.astype(jnp.int32), 0)
-    counts = jax.ops.segment_sum(valid.astype(jnp.int32).ravel(), bins.ravel(), num_segments=num_classes**2)
+    bins = jnp.where(valid, labels.astype(jnp.int32) * num_classes + predictions.astype(jnp.int32),
+                     0)
+    counts = jax.ops.segment_sum(valid.astype(jnp.int32).ravel(), bins.ravel(),
+                                 num_segments=num_classes**2)
     return counts.reshape(num_classes, num_classes)
 
 
@@ -93,7 +98,8 @@ def segmentation_scores(confusion: Array, *, include_background: bool = True) ->
     dtype = jnp.promote_types(jnp.result_type(float), jnp.float32)
     confusion = confusion.astype(dtype)
     true_positive = jnp.diagonal(confusion)  # [C]
-    wrong = jnp.sum(confusion, axis=0) + jnp.sum(confusion, axis=1) - 2 * true_positive  # FP + FN, [C]
+    # wrong: FP + FN, [C]
+    wrong = jnp.sum(confusion, axis=0) + jnp.sum(confusion, axis=1) - 2 * true_positive
     present = (true_positive + wrong) > 0
 
     def ratio(numerator, denominator):

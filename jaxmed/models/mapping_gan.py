@@ -1,11 +1,12 @@
-"""Mapping-GAN networks (SPEC S0): the U-Net mapping generator and the tensor-train critic.
+"""Mapping-GAN networks: the U-Net mapping generator and the tensor-train critic.
 
 The generator maps a positive volume `x` to its key feature map `M(x)` (same shape); the mapped
 volume `y = x + M(x)` (`mapped`) should look like a negative one to the critic. The critic is a
 Wasserstein critic: an unbounded score per volume, higher for "negative-looking" volumes.
 
 Everything is channels-last and dimension-agnostic: `(B, H, W, C)` or `(B, D, H, W, C)`; a 4-D
-NIfTI (X, Y, Z, T) enters as `(B, X, Y, Z, T)` with the T frames as channels.
+NIfTI (X, Y, Z, T) enters as `(B, X, Y, Z, T)` with the T frames as channels. The design and
+its decisions: `docs/mapping_gan.md`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmed.layers import BlockConvTranspose, Conv, SecondOrderPooling, TTConv, TTDense
+from jaxmed.models._util import spatial_dims
 
 Array = jax.Array
 _NORMS = ("batch", "layer", None)
@@ -48,7 +50,7 @@ def mapped(x: Array, key_feature_map: Array) -> Array:
 def critic_probability(score: Array) -> Array:
     """`sigmoid(score)`, for reporting only.
 
-    The seed ends its discriminator with a sigmoid; a Wasserstein critic must output the
+    The original design ends its discriminator with a sigmoid; a Wasserstein critic must output the
     unbounded score (a sigmoid would saturate and kill the gradients the generator learns from),
     so the sigmoid is applied here, outside the loss, when a probability-like number is wanted
     for display. It is not a calibrated probability.
@@ -61,7 +63,8 @@ def _check_norm(norm: str | None) -> None:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
 
 
-def _normalize(x: Array, norm: str | None, train: bool, name: str, dtype: Any, param_dtype: Any) -> Array:
+def _normalize(x: Array, norm: str | None, train: bool, name: str, dtype: Any,
+               param_dtype: Any) -> Array:
     """Applies the chosen normalisation to `x: [B, *S, C]` (call inside a compact method).
 
     'batch': BatchNorm over batch and positions (couples the samples of a batch).
@@ -76,13 +79,6 @@ def _normalize(x: Array, norm: str | None, train: bool, name: str, dtype: Any, p
         axes = tuple(range(1, x.ndim))
         return nn.LayerNorm(epsilon=1e-5, reduction_axes=axes, feature_axes=-1, **kw)(x)
     return x
-
-
-def _spatial_dims(x: Array, who: str) -> int:
-    nsp = x.ndim - 2
-    if nsp not in (2, 3):
-        raise ValueError(f"{who} expects (B, H, W, C) or (B, D, H, W, C) input, got shape {x.shape}")
-    return nsp
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +193,7 @@ class UNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         _check_norm(self.norm)
-        nsp = _spatial_dims(x, "UNet")
+        nsp = spatial_dims(x, "UNet")
         factor = self.total_downsampling
         if any(s % factor for s in x.shape[1:-1]):
             raise ValueError(
@@ -216,7 +212,8 @@ class UNet(nn.Module):
             f = self.features[level]
             h = BlockConvTranspose(f, window, use_bias=self.norm is None, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name=f"up{level}_upsample")(h)
-            h = nn.relu(_normalize(h, self.norm, train, f"up{level}_norm", self.dtype, self.param_dtype))
+            h = nn.relu(_normalize(h, self.norm, train, f"up{level}_norm", self.dtype,
+                                   self.param_dtype))
             h = jnp.concatenate([skips[level], h], axis=-1)  # [B, *S/2^l, 2 f_l]
             h = _ConvBlock(f, name=f"up{level}", **kw)(h, train)  # [B, *S/2^l, f_l]
         return Conv(x.shape[-1], (3,) * nsp, padding="SAME", dtype=self.dtype,
@@ -233,7 +230,8 @@ TinyUNet = functools.partial(UNet, features=(4, 8))
 
 
 class Critic(nn.Module):
-    """Wasserstein critic after the seed: conv stem, dense blocks of TT convs, GSoP, TT-FC head.
+    """Wasserstein critic: conv stem, dense blocks of TT convs, GSoP, TT-FC head (the original
+    design's layers; `docs/mapping_gan.md`).
 
     Layers, for an input `(B, *S, C)` (widths `w`, growth `k`, `L_b` layers in block `b`):
 
@@ -261,12 +259,12 @@ class Critic(nn.Module):
     Decisions:
 
     - Normalisation defaults to `'layer'` (per-sample LayerNorm over positions and channels).
-      The seed uses BatchNorm, but the gradient penalty needs `d D(x_b) / d x_b` per sample;
-      with BatchNorm each score depends on the whole batch, so the penalised gradient is not the
-      critic's. `'batch'` stays available (e.g. with weight clipping), as does `None`.
+      The original design uses BatchNorm, but the gradient penalty needs `d D(x_b) / d x_b` per
+      sample; with BatchNorm each score depends on the whole batch, so the penalised gradient is
+      not the critic's. `'batch'` stays available (e.g. with weight clipping), as does `None`.
     - LeakyReLU slope 0.2 (`negative_slope`), the usual GAN-critic choice.
     - No sigmoid: the score is unbounded (Wasserstein critic); `critic_probability` gives the
-      seed's sigmoid for reporting only.
+      original design's sigmoid for reporting only.
     - The score is returned in at least float32, so losses on bfloat16 networks accumulate in
       float32.
 
@@ -280,7 +278,8 @@ class Critic(nn.Module):
     block); `stem_strides`; `downsample` ('pool' | 'conv'); `norm` ('layer' | 'batch' |
     None); `reduced_channels` (GSoP `d`); `head_features` (int or None); `tt_rank`; `tt_order`
     (modes per conv channel count); `head_tt_order` (modes per head feature count);
-    `tt_forward` (TTConv `forward`: 'auto' | 'cores' | 'kernel'); `negative_slope`; `dtype`; `param_dtype`.
+    `tt_forward` (TTConv `forward`: 'auto' | 'cores' | 'kernel'); `negative_slope`; `dtype`;
+    `param_dtype`.
 
     **Call** `(x, train=False)`:
 
@@ -316,16 +315,18 @@ class Critic(nn.Module):
         layers = self.layers_per_block
         layers = (layers,) * len(self.widths) if isinstance(layers, int) else tuple(layers)
         if not self.widths or len(layers) != len(self.widths):
-            raise ValueError(f"need one layers_per_block entry per width, got {layers} for {self.widths}")
+            raise ValueError(f"need one layers_per_block entry per width, got {layers} for "
+                             f"{self.widths}")
         if self.kind == "tt":
             counts = {self.growth_rate, *self.widths}
-            counts |= {w + i * self.growth_rate for w, n in zip(self.widths, layers) for i in range(1, n + 1)}
+            counts |= {w + i * self.growth_rate
+                       for w, n in zip(self.widths, layers) for i in range(1, n + 1)}
             bad = sorted(c for c in counts if min(tt_modes(c, self.tt_order)) == 1 and c > 1)
             if bad:
                 raise ValueError(
-                    f"channel counts {bad} have no {self.tt_order}-mode factorisation without a mode of 1; "
-                    f"choose widths and growth_rate (now {tuple(self.widths)}, {self.growth_rate}) "
-                    "as multiples of 4, or kind='dense'"
+                    f"channel counts {bad} have no {self.tt_order}-mode factorisation without a "
+                    f"mode of 1; choose widths and growth_rate (now {tuple(self.widths)}, "
+                    f"{self.growth_rate}) as multiples of 4, or kind='dense'"
                 )
         return layers
 
@@ -336,7 +337,8 @@ class Critic(nn.Module):
         nsp, kw = x.ndim - 2, dict(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
         if self.kind == "dense":
             return Conv(features, (size,) * nsp, strides=strides, padding="SAME", **kw)(x)
-        modes_in, modes_out = tt_modes(x.shape[-1], self.tt_order), tt_modes(features, self.tt_order)
+        modes_in = tt_modes(x.shape[-1], self.tt_order)
+        modes_out = tt_modes(features, self.tt_order)
         # A 1^n kernel has a single spatial position, so spatial rank r_0 > 1 only adds parameters.
         ranks = self.tt_rank if size > 1 else (1,) + (self.tt_rank,) * (self.tt_order - 1) + (1,)
         return TTConv(modes_in, modes_out, ranks, kernel_size=(size,) * nsp, strides=strides,
@@ -373,10 +375,10 @@ class Critic(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        nsp = _spatial_dims(x, "Critic")
+        nsp = spatial_dims(x, "Critic")
         layers = self._validate()
-        h = Conv(self.widths[0], (3,) * nsp, strides=self.stem_strides, padding="SAME", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="stem")(x)  # [B, *S/s, w0]
+        h = Conv(self.widths[0], (3,) * nsp, strides=self.stem_strides, padding="SAME",
+                 dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(x)  # [B, *S/s, w0]
         for b, (width, n_layers) in enumerate(zip(self.widths, layers)):
             if b:
                 h = self._transition(h, width, b, train)  # [B, *S', w_b]
@@ -392,7 +394,9 @@ class Critic(nn.Module):
 
 
 TinyCritic = functools.partial(
-    Critic, widths=(4, 8), growth_rate=4, layers_per_block=2, reduced_channels=4, head_features=4, tt_rank=2,
+    Critic, widths=(4, 8), growth_rate=4, layers_per_block=2, reduced_channels=4, head_features=4,
+    tt_rank=2,
 )
-"""A two-block critic of a few thousand parameters for tests and smoke runs (inputs of 8^n and up)."""
+"""A two-block critic of a few thousand parameters for tests and smoke runs (inputs of 8^n and
+up)."""
 

@@ -1,4 +1,4 @@
-"""VGG16-CAM classifier with dual threshold-suppression modules (SPEC S1).
+"""VGG16-CAM classifier with dual threshold-suppression modules (`docs/wsol.md`).
 
 The backbone is the CAM variant of VGG16 used by the WSOL evaluation protocol
 (clovaai/wsolevaluation): the thirteen 3×3 conv layers of VGG16 with pool5 removed, then
@@ -8,8 +8,8 @@ last conv features are 14×14×1024; the class activation map of class c is
 `jaxmed.explain.cam`).
 
 `ThresholdSuppression` modules (`jaxmed.layers`) can be inserted after any named conv layer
-(after its ReLU, before the following pool); the seed inserts one or two, after conv4_3 and
-conv5_3.
+(after its ReLU, before the following pool); the original design inserts one or two, after
+conv4_3 and conv5_3.
 
 Every conv layer is a `ConvReLU` block named `conv1_1` … `conv5_3`, `conv6`, whose output is
 the rectified activation, so Grad-CAM at a layer name sees what the next layer sees. A module
@@ -129,10 +129,12 @@ class VGGCAM(nn.Module):
 
     def _check(self) -> None:
         if len(self.widths) != len(_CONVS_PER_STAGE):
-            raise ValueError(f"widths needs {len(_CONVS_PER_STAGE)} stage widths, got {tuple(self.widths)}")
+            raise ValueError(f"widths needs {len(_CONVS_PER_STAGE)} stage widths, got "
+                             f"{tuple(self.widths)}")
         unknown = [m for m in self.modules if m not in CONV_NAMES]
         if unknown:
-            raise ValueError(f"unknown module position(s) {unknown}; valid names: {', '.join(CONV_NAMES)}")
+            raise ValueError(f"unknown module position(s) {unknown}; valid names: "
+                             f"{', '.join(CONV_NAMES)}")
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
@@ -143,7 +145,8 @@ class VGGCAM(nn.Module):
         def conv(x, name, width):
             x = ConvReLU(width, batch_norm=self.batch_norm, name=name, **kw)(x, train=train)
             if name in self.modules:
-                x = ThresholdSuppression(self.cr, self.alpha, self.t, name=f"{name}_suppression", **kw)(x)
+                x = ThresholdSuppression(self.cr, self.alpha, self.t, name=f"{name}_suppression",
+                                         **kw)(x)
             return x
 
         for stage, (n_convs, width) in enumerate(zip(_CONVS_PER_STAGE, self.widths), start=1):

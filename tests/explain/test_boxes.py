@@ -48,7 +48,17 @@ CRAFTED = {
     "anti-diagonal and a pixel": ["00010", "00100", "01000", "00000", "00001"],
     "ring with a hole": ["00000", "01110", "01010", "01110", "00000"],
     "diamond ring (hole and outer border of equal area)": ["00100", "01010", "00100"],
-    "nested rings": ["111111111", "100000001", "101111101", "101000101", "101010101", "101000101", "101111101", "100000001", "111111111"],
+    "nested rings": [
+        "111111111",
+        "100000001",
+        "101111101",
+        "101000101",
+        "101010101",
+        "101000101",
+        "101111101",
+        "100000001",
+        "111111111",
+    ],
     "hole touching the edge is no hole": ["1111", "1001", "1000", "1111"],
     "holes split diagonally": ["11111", "10101", "11011", "10101", "11111"],
     "hole reaching out diagonally": ["1111", "1001", "1110", "0000"],
@@ -81,7 +91,8 @@ def test_random_masks_match_opencv():
 def test_boxes_at_many_thresholds_match_opencv():
     rng = np.random.default_rng(1)
     for _ in range(20):
-        cam = ndimage.gaussian_filter(rng.normal(size=(24, 20)), 1.5) + 0.1 * rng.normal(size=(24, 20))
+        smooth = ndimage.gaussian_filter(rng.normal(size=(24, 20)), 1.5)
+        cam = smooth + 0.1 * rng.normal(size=(24, 20))
         u = ((cam - cam.min()) / (cam.max() - cam.min()) * 255).astype(np.uint8)
         for tau in rng.uniform(0, 1, 8):
             binary = u > int(tau * 255)
@@ -98,7 +109,9 @@ def test_contour_area_formula_matches_opencv():
         h, w = rng.integers(2, 20, size=2)
         mask = rng.random((h, w)) < rng.uniform(0.3, 0.8)
         labels, twice_area, first_pixel = top_level_components(mask)
-        contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+        contours, hierarchy = cv2.findContours(
+            mask.astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE
+        )
         for contour, (_, _, _, parent) in zip(contours, hierarchy[0]):
             if parent != -1:
                 continue  # holes and what lies inside them

@@ -32,7 +32,9 @@ def cv2_resize(maps, size, method):
     out = []
     for vol in maps:  # vol: [d, h, w]
         planes = np.stack([cv2.resize(p, (size[2], size[1]), interpolation=flag) for p in vol])
-        flat = cv2.resize(planes.reshape(len(vol), -1), (size[1] * size[2], size[0]), interpolation=flag)
+        flat = cv2.resize(
+            planes.reshape(len(vol), -1), (size[1] * size[2], size[0]), interpolation=flag
+        )
         out.append(flat.reshape(size))
     return np.stack(out)
 
@@ -99,7 +101,9 @@ def test_cam_matches_the_wsol_protocol():
     weights = rng.normal(size=(10, 5)).astype(np.float32)
     classes = np.array([4, 0, 2])
     raw = np.einsum("bhwk,kb->bhw", feats, weights[:, classes])
-    np.testing.assert_allclose(cam(feats, weights, classes, normalize=False), raw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        cam(feats, weights, classes, normalize=False), raw, rtol=1e-5, atol=1e-5
+    )
 
     resized = cv2_resize(raw.astype(np.float32), (56, 60), "cubic")
     expected = np.stack([wsol_normalize(m) for m in resized])
@@ -109,8 +113,12 @@ def test_cam_matches_the_wsol_protocol():
 
     linear = cam(feats, weights, classes, image_size=(56, 60), method="linear")
     np.testing.assert_allclose(
-        linear, np.stack([wsol_normalize(m) for m in cv2_resize(raw.astype(np.float32), (56, 60), "linear")]),
-        atol=2e-5)
+        linear,
+        np.stack(
+            [wsol_normalize(m) for m in cv2_resize(raw.astype(np.float32), (56, 60), "linear")]
+        ),
+        atol=2e-5,
+    )
 
 
 def test_cam_degenerate_maps_scalar_class_and_3d():
@@ -125,7 +133,9 @@ def test_cam_degenerate_maps_scalar_class_and_3d():
 
     vol = rng.normal(size=(2, 3, 4, 5, 6)).astype(np.float32)
     raw = np.einsum("bdhwk,kb->bdhw", vol, weights[:, [1, 0]])
-    expected = np.stack([wsol_normalize(m) for m in cv2_resize(raw.astype(np.float32), (6, 8, 10), "linear")])
+    expected = np.stack(
+        [wsol_normalize(m) for m in cv2_resize(raw.astype(np.float32), (6, 8, 10), "linear")]
+    )
     got = cam(vol, weights, jnp.array([1, 0]), image_size=(6, 8, 10), method="linear")
     np.testing.assert_allclose(got, expected, atol=2e-5)
 
@@ -190,8 +200,11 @@ def split(request):
 def _manual(model, variables, x, classes):
     """Activations and d logit_c / dA computed on the model split by hand, one sample at a time."""
     a = model.apply(variables, x, method=SplitNet.features)
-    grads = [jax.grad(lambda ai, c=c: model.apply(variables, ai[None], method=SplitNet.classify)[0, c])(a[i])
-             for i, c in enumerate(classes)]
+
+    def logit(ai, c):
+        return model.apply(variables, ai[None], method=SplitNet.classify)[0, c]
+
+    grads = [jax.grad(logit)(a[i], c) for i, c in enumerate(classes)]
     return np.asarray(a), np.asarray(grads)
 
 
@@ -228,7 +241,9 @@ def test_per_sample_targets_and_batch_equal_one_by_one(split):
     as_callable = jit_grad_cam(model, variables, x, target=lambda out, i: out[classes[i]], **kw)
     np.testing.assert_allclose(as_callable, batched, atol=1e-6)
     # A callable sees the whole output when no key is selected.
-    on_dict = jit_grad_cam(model, variables, x, layer="body", target=lambda out, i: out["logits"][classes[i]])
+    on_dict = jit_grad_cam(
+        model, variables, x, layer="body", target=lambda out, i: out["logits"][classes[i]]
+    )
     np.testing.assert_allclose(on_dict, batched, atol=1e-6)
 
 
@@ -255,9 +270,19 @@ def test_grad_cam_is_relu_of_cam_for_a_gap_dense_head():
     features = np.asarray(model.apply(variables, x)["features"], np.float64)  # [2, 4, 4, 8]
     raw = np.einsum("bhwk,kb->bhw", features, np.asarray(cam_weights(variables))[:, classes])
     n = raw[0].size  # 4 × 4 positions
-    expected = np.stack([np_grad_cam(np.maximum(m, 0)[..., None] / n, np.ones((1, 1))) for m in raw])
-    got = jit_grad_cam(model, variables, x, layer="conv6", target=classes, output="logits", image_size=(4, 4),
-                       apply_kwargs={"train": False})
+    expected = np.stack(
+        [np_grad_cam(np.maximum(m, 0)[..., None] / n, np.ones((1, 1))) for m in raw]
+    )
+    got = jit_grad_cam(
+        model,
+        variables,
+        x,
+        layer="conv6",
+        target=classes,
+        output="logits",
+        image_size=(4, 4),
+        apply_kwargs={"train": False},
+    )
     np.testing.assert_allclose(got, expected, atol=1e-5)
     relu_cam = np.maximum(raw, 0)
     assert np.all((np.asarray(got) > 0) == (relu_cam > relu_cam.min(axis=(1, 2), keepdims=True)))

@@ -36,7 +36,9 @@ def make_batch(shape, num_classes=4, seed=0, ignore=False):
     """Labels and noisy predictions; class 3 never occurs in either."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes - 1, size=shape)
-    predictions = np.where(rng.random(shape) < 0.7, labels, rng.integers(0, num_classes - 1, size=shape))
+    predictions = np.where(
+        rng.random(shape) < 0.7, labels, rng.integers(0, num_classes - 1, size=shape)
+    )
     if ignore:
         labels[rng.random(shape) < 0.2] = IGNORE
     return predictions, labels
@@ -52,14 +54,18 @@ def test_confusion_matrix_matches_pixel_loop(shape, ignore):
     assert got.shape == (4, 4) and got.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(got), want)
     jitted = jax.jit(confusion_matrix, static_argnums=2, static_argnames="ignore_index")
-    np.testing.assert_array_equal(np.asarray(jitted(predictions, labels, 4, ignore_index=ignore_index)), want)
+    np.testing.assert_array_equal(
+        np.asarray(jitted(predictions, labels, 4, ignore_index=ignore_index)), want
+    )
     if ignore:
         assert want.sum() == np.sum(labels != IGNORE)
 
 
 def test_uint8_masks_with_ignore_label():
     predictions, labels = make_batch((2, 6, 6), ignore=True)
-    got = confusion_matrix(predictions.astype(np.uint8), labels.astype(np.uint8), 4, ignore_index=IGNORE)
+    got = confusion_matrix(
+        predictions.astype(np.uint8), labels.astype(np.uint8), 4, ignore_index=IGNORE
+    )
     np.testing.assert_array_equal(np.asarray(got), np_confusion(predictions, labels, 4, IGNORE))
 
 
@@ -67,7 +73,9 @@ def test_vmap_gives_one_matrix_per_sample():
     predictions, labels = make_batch((3, 4, 5))
     got = jax.vmap(lambda p, t: confusion_matrix(p, t, 4))(predictions, labels)
     for i in range(3):
-        np.testing.assert_array_equal(np.asarray(got[i]), np_confusion(predictions[i], labels[i], 4))
+        np.testing.assert_array_equal(
+            np.asarray(got[i]), np_confusion(predictions[i], labels[i], 4)
+        )
 
 
 @pytest.mark.parametrize("where,value", [("labels", IGNORE), ("labels", -1), ("predictions", 4)])

@@ -84,13 +84,20 @@ def test_larger_and_quantised_maps_match_reference():
     cams, gts = _random_cams(rng, 4, 64, noise=0.2)
     quantised = np.round(cams * 3 / cams.std())  # few levels: plateaus, ties, thin structures
     for kwargs in (V1, V2):
-        _assert_same(np.concatenate([cams, quantised]), gts + gts, iou_thresholds=FINE_DELTAS, **kwargs)
+        _assert_same(
+            np.concatenate([cams, quantised]), gts + gts, iou_thresholds=FINE_DELTAS, **kwargs
+        )
 
 
 def test_non_square_maps_and_coarse_interval_match_reference():
     rng = np.random.default_rng(2)
-    cams = ndimage.gaussian_filter(rng.normal(size=(6, 20, 45)), (0, 2, 3)) + 0.05 * rng.normal(size=(6, 20, 45))
-    gts = [np.array([[3, 2, 30, 15]]), np.array([[0, 0, 44, 19]]), np.array([[40, 0, 44, 4], [0, 15, 8, 19]])] * 2
+    smooth = ndimage.gaussian_filter(rng.normal(size=(6, 20, 45)), (0, 2, 3))
+    cams = smooth + 0.05 * rng.normal(size=(6, 20, 45))
+    gts = [
+        np.array([[3, 2, 30, 15]]),
+        np.array([[0, 0, 44, 19]]),
+        np.array([[40, 0, 44, 4], [0, 15, 8, 19]]),
+    ] * 2
     for kwargs in (V1, V2):
         _assert_same(cams, gts, iou_thresholds=(0.3, 0.5, 0.7), cam_curve_interval=0.01, **kwargs)
         _assert_same(cams, gts, iou_thresholds=(0.5,), cam_curve_interval=0.137, **kwargs)
@@ -104,7 +111,9 @@ def test_degenerate_maps_use_the_empty_box():
     for kwargs in (V1, V2):
         result = _assert_same(cams, gts, iou_thresholds=(0.5, 0.7), **kwargs)
         # [0,0,0,0] vs itself: IoU 1; vs [0,0,1,0]: 1/2 (>= 0.5); vs a far box: 0.
-        np.testing.assert_array_equal(result.curve, [np.full(1000, 200 / 3), np.full(1000, 100 / 3)])
+        np.testing.assert_array_equal(
+            result.curve, [np.full(1000, 200 / 3), np.full(1000, 100 / 3)]
+        )
 
 
 def _iou(a, b):
@@ -119,12 +128,23 @@ def test_iou_exactly_at_delta_counts_as_correct():
     cam = np.zeros((12, 12))
     cam[2:6, 2:8] = 1.0  # one block: its box is [2, 2, 8, 6] (x + w, y + h)
     estimated = (2, 2, 8, 6)
-    candidates = [(x0, y0, x1, y1) for x0 in range(12) for y0 in range(12) for x1 in range(x0, 12) for y1 in range(y0, 12)]
+    candidates = [
+        (x0, y0, x1, y1)
+        for x0 in range(12)
+        for y0 in range(12)
+        for x1 in range(x0, 12)
+        for y1 in range(y0, 12)
+    ]
     at_half = [g for g in candidates if 2 * _iou(estimated, g)[0] == _iou(estimated, g)[1]]
     at_07 = [g for g in candidates if 10 * _iou(estimated, g)[0] == 7 * _iou(estimated, g)[1]]
     below = [g for g in candidates if 2 * _iou(estimated, g)[0] == _iou(estimated, g)[1] - 1]
     assert at_half and at_07 and below
-    gts = [np.array([at_half[0]]), np.array([at_07[0]]), np.array([below[0]]), np.array([below[0], at_07[-1]])]
+    gts = [
+        np.array([at_half[0]]),
+        np.array([at_07[0]]),
+        np.array([below[0]]),
+        np.array([below[0], at_07[-1]]),
+    ]
     cams = np.repeat(cam[None], len(gts), axis=0)
     for kwargs in (V1, V2):
         result = _assert_same(cams, gts, iou_thresholds=(0.5, 0.7), **kwargs)
@@ -147,7 +167,8 @@ def test_accumulator_over_batches_equals_one_call():
         acc = BoxAccumulator(iou_thresholds=(0.3, 0.5, 0.7), **kwargs)
         acc.update(cams[:4], gts[:4])
         acc.update(jnp.asarray(cams[4:]), gts[4:])
-        split, whole = acc.result(), max_box_acc(cams, gts, iou_thresholds=(0.3, 0.5, 0.7), **kwargs)
+        split = acc.result()
+        whole = max_box_acc(cams, gts, iou_thresholds=(0.3, 0.5, 0.7), **kwargs)
         np.testing.assert_array_equal(split.curve, whole.curve)
         assert split.accuracy == whole.accuracy and split.num_images == 10
         hits = box_hits(cams[:4], gts[:4], iou_thresholds=(0.3, 0.5, 0.7), **kwargs)
@@ -171,7 +192,11 @@ def test_result_fields():
 def test_gt_formats_agree():
     rng = np.random.default_rng(5)
     cams, _ = _random_cams(rng, 3, 16, noise=0.1)
-    listed = [np.array([[1, 2, 8, 9]]), np.array([[0, 0, 5, 5], [6, 6, 15, 15]]), np.array([[3, 3, 4, 4]])]
+    listed = [
+        np.array([[1, 2, 8, 9]]),
+        np.array([[0, 0, 5, 5], [6, 6, 15, 15]]),
+        np.array([[3, 3, 4, 4]]),
+    ]
     padded = np.full((3, 2, 4), -1)
     for i, b in enumerate(listed):
         padded[i, : len(b)] = b

@@ -11,8 +11,16 @@ import pytest
 
 from jaxmed.layers import Conv, TTConv, TTDense
 from jaxmed.losses import critic_loss, generator_loss, gradient_penalty
-from jaxmed.models.mapping_gan import (Critic, TinyCritic, TinyUNet, UNet, _max_pool_2x, critic_probability, mapped,
-                                      tt_modes)
+from jaxmed.models.mapping_gan import (
+    Critic,
+    TinyCritic,
+    TinyUNet,
+    UNet,
+    _max_pool_2x,
+    critic_probability,
+    mapped,
+    tt_modes,
+)
 
 KEY = jax.random.key(0)
 
@@ -99,7 +107,9 @@ def test_unet_total_downsampling_and_bad_size():
         jax.eval_shape(UNet(norm="group").init, KEY, _spec((1, 8, 8, 1)))
 
 
-@pytest.mark.parametrize("norm,shape", [("batch", (2, 8, 8, 1)), ("layer", (2, 4, 4, 4, 2)), (None, (2, 4, 8, 1))])
+@pytest.mark.parametrize(
+    "norm,shape", [("batch", (2, 8, 8, 1)), ("layer", (2, 4, 4, 4, 2)), (None, (2, 4, 8, 1))]
+)
 def test_unet_tiny_forward(norm, shape):
     model, x = TinyUNet(norm=norm), _x(shape)
     variables = _random_variables(model, x)
@@ -109,7 +119,8 @@ def test_unet_tiny_forward(norm, shape):
     if norm == "batch":
         m_train, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
         assert m_train.shape == x.shape and np.all(np.isfinite(m_train))
-        assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+        old, new = variables["batch_stats"], updates["batch_stats"]
+        assert jax.tree.structure(new) == jax.tree.structure(old)
     m16 = model.apply(variables, x.astype(jnp.bfloat16))
     assert np.all(np.isfinite(np.asarray(m16, np.float32)))
     m16 = TinyUNet(norm=norm, dtype=jnp.bfloat16).apply(variables, x)
@@ -117,7 +128,9 @@ def test_unet_tiny_forward(norm, shape):
 
 
 def _np_conv_same(x, kernel, bias):
-    """2-D 'SAME' 3x3 convolution from its definition (cross-correlation, as lax), x: (B, H, W, C)."""
+    """2-D 'SAME' 3x3 convolution from its definition (cross-correlation, as lax).
+
+    x: (B, H, W, C)."""
     b, h, w, _ = x.shape
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     out = np.zeros((b, h, w, kernel.shape[-1]))
@@ -178,8 +191,10 @@ def _layer_shapes(model, x):
 
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and isinstance(context.module, (TTConv, TTDense, Conv, nn.Conv, nn.Dense)):
-            seen["/".join(context.module.scope.path)] = (type(context.module), args[0].shape, out.shape)
+        layer_types = (TTConv, TTDense, Conv, nn.Conv, nn.Dense)
+        if context.method_name == "__call__" and isinstance(context.module, layer_types):
+            path = "/".join(context.module.scope.path)
+            seen[path] = (type(context.module), args[0].shape, out.shape)
         return out
 
     with nn.intercept_methods(interceptor):
@@ -187,14 +202,18 @@ def _layer_shapes(model, x):
     return seen
 
 
-@pytest.mark.parametrize("model_fn,shape", [(Critic, (2, 32, 32, 32, 1)), (TinyCritic, (2, 8, 8, 1))])
+@pytest.mark.parametrize(
+    "model_fn,shape", [(Critic, (2, 32, 32, 32, 1)), (TinyCritic, (2, 8, 8, 1))]
+)
 def test_tt_layers_have_the_shapes_of_their_dense_counterparts(model_fn, shape):
     tt = _layer_shapes(model_fn(kind="tt"), _spec(shape))
     dense = _layer_shapes(model_fn(kind="dense"), _spec(shape))
     assert tt.keys() == dense.keys()
     factorised = [k for k, (t, _, _) in tt.items() if t in (TTConv, TTDense)]
     # Every dense-block / transition conv and both head layers are TT; stem and GSoP are not.
-    assert sorted(factorised) == sorted(k for k in tt if k.endswith("_conv") or k.startswith("head_"))
+    assert sorted(factorised) == sorted(
+        k for k in tt if k.endswith("_conv") or k.startswith("head_")
+    )
     assert "head_hidden" in factorised and "head_score" in factorised
     for name in tt:
         assert tt[name][1:] == dense[name][1:], name
@@ -204,20 +223,24 @@ def test_tt_layers_have_the_shapes_of_their_dense_counterparts(model_fn, shape):
 
 def test_layer_norm_critic_scores_each_sample_alone():
     x = _x((4, 8, 8, 1), seed=5)
-    # Same batch size throughout (one compile): sample 0 with different companions, and a permutation.
+    # Same batch size throughout (one compile): sample 0 with different companions, and a
+    # permutation.
     others = jnp.stack([x[0], 5.0 * x[1], -x[3], x[2]])
     for kind in ("tt", "dense"):
         model = TinyCritic(kind=kind, norm="layer")
         variables = _random_variables(model, x)
         apply = jax.jit(model.apply)
         scores, scores_other = apply(variables, x), apply(variables, others)
-        np.testing.assert_allclose(scores_other[jnp.array([0, 3])], scores[jnp.array([0, 2])], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            scores_other[jnp.array([0, 3])], scores[jnp.array([0, 2])], rtol=1e-5, atol=1e-6
+        )
     # Contrast: training-mode BatchNorm mixes the batch (why it is not the default).
     model = TinyCritic(norm="batch")
     variables = _random_variables(model, x)
     apply = jax.jit(lambda b: model.apply(variables, b, train=True, mutable=["batch_stats"]))
     (scores, updates), (scores_other, _) = apply(x), apply(others)
-    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
+    old, new = variables["batch_stats"], updates["batch_stats"]
+    assert jax.tree.structure(new) == jax.tree.structure(old)
     assert abs(float(scores[0]) - float(scores_other[0])) > 1e-4
 
 
@@ -236,19 +259,24 @@ def test_critic_probability_is_sigmoid_for_reporting():
 
 def test_loss_gradients_wrt_both_networks_are_finite():
     pos, neg = _x((2, 8, 8, 1), seed=1), _x((2, 8, 8, 1), seed=2)
-    gen, critic = TinyUNet(), TinyCritic(layers_per_block=1)  # fewer ops: double-backward compiles are slow
+    # Fewer ops: double-backward compiles are slow.
+    gen, critic = TinyUNet(), TinyCritic(layers_per_block=1)
     g_vars, c_vars = _random_variables(gen, pos), _random_variables(critic, neg, seed=1)
 
     def critic_objective(c_params):
         score = lambda v: critic.apply({"params": c_params}, v)  # noqa: E731
         y = mapped(pos, gen.apply(g_vars, pos))
-        return critic_loss(score(neg), score(y)) + gradient_penalty(score, neg, y, jax.random.key(2))
+        penalty = gradient_penalty(score, neg, y, jax.random.key(2))
+        return critic_loss(score(neg), score(y)) + penalty
 
     def generator_objective(g_params):
         m, _ = gen.apply({**g_vars, "params": g_params}, pos, train=True, mutable=["batch_stats"])
         return generator_loss(critic.apply(c_vars, mapped(pos, m)), m, l1_weight=100.0)[0]
 
-    for objective, params in ((critic_objective, c_vars["params"]), (generator_objective, g_vars["params"])):
+    for objective, params in (
+        (critic_objective, c_vars["params"]),
+        (generator_objective, g_vars["params"]),
+    ):
         grads = jax.jit(jax.grad(objective))(params)
         leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
         assert all(np.all(np.isfinite(g)) for g in leaves)
@@ -256,7 +284,8 @@ def test_loss_gradients_wrt_both_networks_are_finite():
 
 
 def test_critic_and_unet_initialise():
-    """The real initialisers (the other tests fill parameters from NumPy): shapes and finite forward."""
+    """The real initialisers (the other tests fill parameters from NumPy): shapes and finite
+    forward."""
     for model, x in ((TinyCritic(), _x((2, 8, 8, 1))), (TinyUNet(), _x((2, 4, 4, 1)))):
         variables = jax.jit(model.init)(KEY, x)
         shapes = jax.eval_shape(model.init, KEY, x)
@@ -269,4 +298,6 @@ def test_critic_and_unet_initialise():
 def test_unet_max_pool_equals_flax(shape):
     x = _x(shape, seed=3)
     window = (2,) * (len(shape) - 2)
-    np.testing.assert_array_equal(np.asarray(_max_pool_2x(x)), np.asarray(nn.max_pool(x, window, strides=window)))
+    np.testing.assert_array_equal(
+        np.asarray(_max_pool_2x(x)), np.asarray(nn.max_pool(x, window, strides=window))
+    )

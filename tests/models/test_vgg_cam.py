@@ -110,7 +110,10 @@ def test_modules_inserted_after_the_named_convs(tiny):
     model, variables = tiny
     x = _images((2, 32, 32, 3), seed=2)
     params = variables["params"]
-    assert {k for k in params if k.endswith("_suppression")} == {"conv4_3_suppression", "conv5_3_suppression"}
+    assert {k for k in params if k.endswith("_suppression")} == {
+        "conv4_3_suppression",
+        "conv5_3_suppression",
+    }
     assert params["conv4_3_suppression"]["project"]["kernel"].shape == (1, 1, 16, 8)
 
     # The module consumes the named conv's rectified output, before the pool of stage 4.
@@ -178,8 +181,10 @@ def test_tiny_model_trains():
     def train(params):
         def step(carry, _):
             params, opt = carry
-            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-                model.apply({"params": p}, x, train=True)["logits"], y).mean()
+            def loss_fn(p):
+                logits = model.apply({"params": p}, x, train=True)["logits"]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
             loss, grads = jax.value_and_grad(loss_fn)(params)
             updates, opt = tx.update(grads, opt, params)
             return (optax.apply_updates(params, updates), opt), loss
