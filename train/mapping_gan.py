@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 
-from jaxmed.data import synthetic_vagan
 from jaxmed.mapping_gan import data
 from jaxmed.mapping_gan.config import DATA_GROUP, DECAY_KEYS, MappingGanConfig
 from jaxmed.mapping_gan.figures import validation_figures
@@ -28,7 +27,6 @@ from jaxmed.training import (
     fetch,
     fit,
     fit_options,
-    fraction,
     host_share,
     inference_parser,
     make_mesh,
@@ -40,64 +38,47 @@ from jaxmed.training import (
 )
 
 
-def _synthetic_size(text: str) -> int:
-    """An option type: an edge length the synthetic protocol fits into."""
-    size = positive_int(text)
-    try:
-        synthetic_vagan.protocol(size)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return size
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Apply a trained model: {PROGRAM} apply --help")
-    d = parser.add_argument_group(DATA_GROUP)
-    d.add_argument("--positive-dir", help="folder of positive-group NIfTI volumes (mapped by M)")
-    d.add_argument("--negative-dir",
-                   help="folder of negative-group NIfTI volumes (the target group)")
-    d.add_argument("--manifest",
-                   help="CSV with columns path,label[,effect_path] instead of the folders")
-    d.add_argument("--percentiles", type=bounded(float, low=0.0, high=100.0), nargs=2,
-                   default=(1.0, 99.0), metavar=("LOW", "HIGH"),
-                   help="clipping percentiles for --normalisation percentile "
-                   "(default: %(default)s)")
-    d.add_argument("--val-fraction", type=fraction, default=0.2,
-                   help="held-out fraction (default: %(default)s)")
-    d.add_argument("--synthetic-dims", type=int, choices=(2, 3), default=3,
-                   help="synthetic study: 3-D volumes or the 2-D VA-GAN protocol "
-                   "(default: %(default)s)")
-    d.add_argument("--synthetic-size", type=_synthetic_size, default=32,
-                   help="synthetic edge length (default: %(default)s)")
-    d.add_argument("--synthetic-subjects", type=bounded(int, low=4), default=400,
-                   help="synthetic subjects, half positive (default: %(default)s)")
+    data_options = parser.add_argument_group(DATA_GROUP)  # MappingGanConfig's data options join
     MappingGanConfig.add_options(parser)
-    o = parser.add_argument_group("outputs")
-    o.add_argument("--figures", type=non_negative_int, default=4,
-                   help="validation subjects drawn as PNG (default: %(default)s)")
-    o.add_argument("--val-chunk", type=positive_int, default=16,
-                   help="validation subjects per jitted call, rounded up to a multiple of the "
-                   "device count (default: %(default)s)")
+    data_options.add_argument(
+        "--percentiles", type=bounded(float, low=0.0, high=100.0), nargs=2, default=(1.0, 99.0),
+        metavar=("LOW", "HIGH"),
+        help="clipping percentiles for --normalisation percentile (default: %(default)s)")
+    outputs = parser.add_argument_group("outputs")
+    outputs.add_argument("--figures", type=non_negative_int, default=4,
+                         help="validation subjects drawn as PNG (default: %(default)s)")
+    outputs.add_argument("--val-chunk", type=positive_int, default=16,
+                         help="validation subjects per jitted call, rounded up to a multiple of "
+                         "the device count (default: %(default)s)")
     add_training_args(parser, workdir="runs/mapping_gan", steps=400, batch_size=4,
                       log_every=25, checkpoint_every=50, eval_every=50, keep=3)
     return parser
+
+
+def apply_parser() -> argparse.ArgumentParser:
+    return inference_parser(
+        f"{PROGRAM} apply", "Write M(x) and y = x + M(x) as NIfTI (the input's affine and "
+        "header, intensities in the normalised [-1, 1] units) and a PNG per input.",
+        "NIfTI volumes to map")
 
 
 def train(args: argparse.Namespace, config: MappingGanConfig) -> dict[str, float]:
     workdir = Path(args.workdir)
 
     # --- data ---
-    if args.positive_dir or args.negative_dir or args.manifest:
-        subjects = data.find_subjects(args.positive_dir, args.negative_dir, args.manifest)
+    if config.positive_dir or config.manifest:
+        subjects = data.find_subjects(config.positive_dir, config.negative_dir, config.manifest)
     else:
         subjects = data.synthetic_subjects(
-            workdir / "data", dims=args.synthetic_dims, n_subjects=args.synthetic_subjects,
-            seed=config.seed, size=args.synthetic_size)
+            workdir / "data", dims=config.synthetic_dims, n_subjects=config.synthetic_subjects,
+            seed=config.seed, size=config.synthetic_size)
     study = data.load_study(
         subjects, downsampling=UNet(features=config.generator_features).total_downsampling,
-        val_fraction=args.val_fraction, seed=config.seed, normalisation=config.normalisation,
+        val_fraction=config.val_fraction, seed=config.seed, normalisation=config.normalisation,
         percentiles=config.percentiles)
     study.train.images.load(host_share(len(study.train)))  # bad files fail before training
     held_out = study.val.arrays(host_share(len(study.val)))  # only this host's subjects
@@ -163,11 +144,7 @@ def _summary(metrics: dict[str, float]) -> str:
 
 
 def apply_main(argv: list[str]) -> None:
-    parser = inference_parser(
-        f"{PROGRAM} apply", "Write M(x) and y = x + M(x) as NIfTI (the input's affine and "
-        "header, intensities in the normalised [-1, 1] units) and a PNG per input.",
-        "NIfTI volumes to map")
-    args = parser.parse_args(argv)
+    args = apply_parser().parse_args(argv)
     for path in apply_to_files(args.workdir, args.input, args.output, args.checkpoint):
         print(path)
 

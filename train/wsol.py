@@ -24,12 +24,11 @@ from jaxmed.training import (
     load_run,
     make_mesh,
     non_negative_int,
-    open_unit_interval,
     prepare_run_config,
     program_main,
     replicate,
 )
-from jaxmed.wsol.config import DATA, PROGRAM, WsolConfig, run_config
+from jaxmed.wsol.config import PROGRAM, WsolConfig, run_config
 from jaxmed.wsol.data import (
     has_boxes,
     held_out_share,
@@ -46,12 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Localise with a trained model: python -m train.wsol localize --help")
-    d = parser.add_argument_group(DATA)
-    d.add_argument("--data-dir", help="folder with one sub-folder of images per class")
-    d.add_argument("--boxes", help="CSV image,x0,y0,x1,y1 (paths relative to --data-dir) of "
-                                   "ground-truth boxes, for validation only")
-    d.add_argument("--val-fraction", type=open_unit_interval, default=0.2,
-                   help="held-out fraction, stratified by class (default: %(default)s)")
     WsolConfig.add_options(parser)
     f = parser.add_argument_group("outputs")
     f.add_argument("--figures", type=non_negative_int, default=12,
@@ -65,8 +58,8 @@ def train(args: argparse.Namespace, config: WsolConfig) -> dict[str, float]:
     workdir = Path(args.workdir)
 
     # --- data --- (a folder's images are decoded when used: this host's rows and share only)
-    dataset = load_dataset(config, args.data_dir, args.boxes)
-    train_set, val_set = split_dataset(dataset, args.val_fraction, seed=config.seed)
+    dataset = load_dataset(config)
+    train_set, val_set = split_dataset(dataset, config.val_fraction, seed=config.seed)
     batches = train_batches(train_set, args.batch_size, seed=config.seed)
     held_out = held_out_share(val_set)
 

@@ -8,10 +8,13 @@ metric and the learning-rate decay window). The formulas and the defaults' reaso
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
+from jaxmed.data import synthetic_vagan
 from jaxmed.training import (
     Config,
+    bounded,
     comma_ints,
     fraction,
     non_negative,
@@ -22,16 +25,46 @@ from jaxmed.training import (
     unit_interval,
 )
 
-# The argparse group of the data options; the normalisation options join the program's.
 DATA_GROUP = "data (default: a synthetic study generated into WORKDIR/data)"
 NORMS = ("batch", "layer", "none")
 # Derived from --steps and --lr-decay; they follow --steps when a resumed run changes it.
 DECAY_KEYS = frozenset({"lr_decay_start", "lr_decay_end"})
 
 
+def synthetic_size(text: str) -> int:
+    """An option type: an edge length that the synthetic protocol's two boxes fit into."""
+    size = positive_int(text)
+    try:
+        synthetic_vagan.protocol(size)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return size
+
+
 @dataclasses.dataclass(frozen=True)
 class MappingGanConfig(Config):
-    """The networks, the GAN's losses and schedule, and the intensity normalisation."""
+    """The data, the networks, the GAN's losses and schedule of a mapping-GAN run."""
+
+    # ----------------------------------------------------------------------------- data
+    # The data a run trains on is part of its configuration, so a resume with other data is
+    # refused instead of silently mixing two studies in one set of checkpoints.
+    positive_dir: str | None = option(None, "folder of positive-group NIfTI volumes (mapped by "
+                                      "M)", group=DATA_GROUP)
+    negative_dir: str | None = option(None, "folder of negative-group NIfTI volumes (the target "
+                                      "group)", group=DATA_GROUP)
+    manifest: str | None = option(None, "CSV with columns path,label[,effect_path] instead of "
+                                  "the folders", group=DATA_GROUP)
+    normalisation: str = option("minmax", "per-volume mapping to [-1, 1]", group=DATA_GROUP,
+                                choices=("minmax", "percentile"))
+    percentiles: tuple[float, float] = option(
+        (1.0, 99.0), "clipping percentiles for --normalisation percentile", cli=False)
+    val_fraction: float = option(0.2, "held-out fraction", group=DATA_GROUP, type=fraction)
+    synthetic_dims: int = option(3, "synthetic study: 3-D volumes or the 2-D VA-GAN protocol",
+                                 group=DATA_GROUP, type=int, choices=(2, 3))
+    synthetic_size: int = option(32, "synthetic edge length", group=DATA_GROUP,
+                                 type=synthetic_size)
+    synthetic_subjects: int = option(400, "synthetic subjects, half positive", group=DATA_GROUP,
+                                     type=bounded(int, low=4))
 
     # ---------------------------------------------------------------------------- model
     generator_features: tuple[int, ...] = option(
@@ -82,17 +115,17 @@ class MappingGanConfig(Config):
     warmup_every: int = option(100, "also every this many generator steps; 0 = never",
                                group="GAN", type=non_negative_int)
 
-    # ------------------------------------------------------------------- preprocessing
-    normalisation: str = option("minmax", "per-volume mapping to [-1, 1]", group=DATA_GROUP,
-                                choices=("minmax", "percentile"))
-    percentiles: tuple[float, float] = option(
-        (1.0, 99.0), "clipping percentiles for --normalisation percentile", cli=False)
-
     # ----------------------------------------------- from the common training options
     steps: int = option(400, "total training steps", cli=False, resumable=True)
     seed: int = option(0, "seed of initialisation, data order and split", cli=False)
 
     def check(self) -> None:
+        if self.manifest and (self.positive_dir or self.negative_dir):
+            raise ValueError("argument --manifest: give either a manifest or --positive-dir and "
+                             "--negative-dir, not both")
+        if bool(self.positive_dir) != bool(self.negative_dir):
+            raise ValueError("argument --positive-dir/--negative-dir: give both folders (or "
+                             "--manifest, or neither for the synthetic study)")
         if self.critic_norm == "batch" and self.lipschitz == "gradient-penalty":
             raise ValueError(
                 "argument --critic-norm: batch is invalid with --lipschitz gradient-penalty (the "

@@ -22,6 +22,7 @@ from jaxmed.training import (
     comma_names,
     non_negative,
     non_negative_int,
+    open_unit_interval,
     option,
     positive_int,
     unit_interval,
@@ -65,6 +66,14 @@ def run_path(text: str) -> str:
 class WsolConfig(Config):
     """The options of `python -m train.wsol` that define its checkpoints."""
 
+    # The data a run trains on is part of its configuration, so a resume with other data is
+    # refused instead of silently mixing two datasets in one set of checkpoints.
+    data_dir: str | None = option(None, "folder with one sub-folder of images per class",
+                                  group=DATA)
+    boxes: str | None = option(None, "CSV image,x0,y0,x1,y1 (paths relative to --data-dir) of "
+                               "ground-truth boxes, for validation only", group=DATA)
+    val_fraction: float = option(0.2, "held-out fraction, stratified by class", group=DATA,
+                                 type=open_unit_interval)
     image_size: int = option(
         96, "images are resized to this square size; the CAM features are 1/16 of it",
         group=DATA, type=bounded(int, low=32))

@@ -20,13 +20,13 @@ from jaxmed.training import ArraySource, host_share, make_batches
 from jaxmed.wsol.config import WsolConfig
 
 
-def load_dataset(config: WsolConfig, data_dir: str | None = None,
-                 boxes: str | None = None) -> WsolDataset:
-    """The folder at `data_dir` (images resized to `config.image_size`; ground-truth boxes from
-    `boxes`, default `data_dir/boxes.csv` if present), or without it the synthetic dataset of
-    `config`'s `synthetic_*` options, drawn from `config.seed`."""
-    if data_dir:
-        return load_wsol_folder(data_dir, image_size=config.image_size, boxes_csv=boxes)
+def load_dataset(config: WsolConfig) -> WsolDataset:
+    """The folder at `config.data_dir` (images resized to `config.image_size`; ground-truth
+    boxes from `config.boxes`, default `data_dir/boxes.csv` if present), or without it the
+    synthetic dataset of `config`'s `synthetic_*` options, drawn from `config.seed`."""
+    if config.data_dir:
+        return load_wsol_folder(config.data_dir, image_size=config.image_size,
+                                boxes_csv=config.boxes)
     return make_wsol_dataset(config.synthetic_images, image_size=config.image_size,
                              num_classes=config.synthetic_classes, seed=config.seed,
                              cooccurrence=config.synthetic_cooccurrence,

@@ -21,6 +21,7 @@ def test_defaults_are_the_programs_and_round_trip_through_config_json():
     assert config == MappingGanConfig()
     assert (config.generator_features, config.critic_norm, config.steps) == ((8, 16, 32), "layer",
                                                                              400)
+    assert (config.positive_dir, config.synthetic_size, config.val_fraction) == (None, 32, 0.2)
     values = config.to_dict()
     assert values["generator_features"] == [8, 16, 32] and values["percentiles"] == [1.0, 99.0]
     assert MappingGanConfig.from_dict({**values, "input_shape": [8, 8, 1]}) == config
@@ -62,6 +63,9 @@ BAD_VALUES = {
     "--critic-widths 8,x": "--critic-widths",
     "--percentiles 99 1": "--percentiles",
     "--synthetic-size 2": "--synthetic-size",  # too small for the protocol's two boxes
+    "--synthetic-subjects 3": "--synthetic-subjects",
+    "--positive-dir p": "--positive-dir",  # without --negative-dir
+    "--manifest m.csv --negative-dir n": "--manifest",
 }
 
 

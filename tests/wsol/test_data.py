@@ -42,8 +42,8 @@ def folder(tmp_path, monkeypatch):
     reads = []
     real = images.read_image
     monkeypatch.setattr(images, "read_image", lambda path, **kw: reads.append(path) or real(path))
-    config = WsolConfig(image_size=32)
-    return data.load_dataset(config, str(tmp_path)), reads
+    config = WsolConfig(data_dir=str(tmp_path), image_size=32)
+    return data.load_dataset(config), reads
 
 
 def test_a_host_decodes_only_its_share_of_the_validation_images(folder, monkeypatch):
