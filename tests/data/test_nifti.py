@@ -59,7 +59,8 @@ def test_truncated_uncompressed(tmp_path):
     _raises_naming(path, "truncated or corrupt", nifti.read_volume, path)
 
 
-@pytest.mark.parametrize("bad, word", [(np.nan, "3 NaN, 0 infinite"), (np.inf, "0 NaN, 3 infinite")])
+@pytest.mark.parametrize("bad, word", [(np.nan, "3 NaN, 0 infinite"),
+                                       (np.inf, "0 NaN, 3 infinite")])
 def test_non_finite_voxels(tmp_path, bad, word):
     data = _noise((6, 6, 6))
     data.flat[[0, 5, 17]] = bad
@@ -208,7 +209,8 @@ def _group_folder(folder, names, shape=(4, 4, 4)):
 
 
 def test_discover_groups(tmp_path):
-    pos = _group_folder(tmp_path / "pos", ["b.nii.gz", "a.nii", "a_effect.nii.gz", "c_effect.nii.gz"])
+    pos = _group_folder(tmp_path / "pos",
+                        ["b.nii.gz", "a.nii", "a_effect.nii.gz", "c_effect.nii.gz"])
     (pos / "notes.txt").write_text("not a volume")
     (pos / ".hidden.nii.gz").write_bytes(b"")
     neg = _group_folder(tmp_path / "neg", ["z.nii.gz", "y.nii.gz"])
@@ -252,8 +254,10 @@ def test_read_manifest(tmp_path):
         ("path,label\nd/p.nii.gz,1\nd/n.nii.gz,0,extra\n", "line 3: expected 2 fields"),
         ("path,label\nd/p.nii.gz\n", "line 2: expected 2 fields"),
         ("path,label\n,1\nd/n.nii.gz,0\n", "line 2: empty path"),
-        ("path,label\nd/p.nii.gz,1\nd/gone.nii.gz,0\n", "line 3: path file not found: .*gone.nii.gz"),
-        ("path,label,effect_path\nd/p.nii.gz,1,d/gone.nii.gz\n", "line 2: effect_path file not found"),
+        ("path,label\nd/p.nii.gz,1\nd/gone.nii.gz,0\n",
+         "line 3: path file not found: .*gone.nii.gz"),
+        ("path,label,effect_path\nd/p.nii.gz,1,d/gone.nii.gz\n",
+         "line 2: effect_path file not found"),
         ("path,label\nd/p.nii.gz,1\n", "no negative subjects"),
         ("", "line 1: the header"),
     ],
@@ -275,7 +279,8 @@ def test_check_shapes(tmp_path):
     same = [nifti.Subject(folder / n, 1) for n in ("a.nii.gz", "b.nii.gz")]
     assert nifti.check_shapes(same) == (4, 5, 6, 1)
     bad_space = same + [nifti.Subject(folder / "c.nii.gz", 0)]
-    message = _raises_naming(folder / "c.nii.gz", r"\(4, 5, 7, 1\) differs", nifti.check_shapes, bad_space)
+    message = _raises_naming(folder / "c.nii.gz", r"\(4, 5, 7, 1\) differs", nifti.check_shapes,
+                             bad_space)
     assert "a.nii.gz" in message
     bad_channels = same + [nifti.Subject(folder / "d.nii.gz", 0)]
     _raises_naming(folder / "d.nii.gz", "differs", nifti.check_shapes, bad_channels)

@@ -1,7 +1,6 @@
 """VA-GAN synthetic data: background statistics, planted effects, NIfTI dataset, and the NCC
 metric used to score maps against its ground truth."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,8 @@ def data_3d():
     return sv.vagan_3d(60, seed=0)
 
 
-@pytest.mark.parametrize("shape, sigma", [((40, 37), 2.5), ((12, 13, 11), 32 * 2.5 / 112), ((9, 10, 8), 1.3)])
+@pytest.mark.parametrize("shape, sigma",
+                         [((40, 37), 2.5), ((12, 13, 11), 32 * 2.5 / 112), ((9, 10, 8), 1.3)])
 def test_gaussian_smooth_matches_scipy(shape, sigma):
     x = np.random.default_rng(0).normal(size=shape)
     expected = scipy.ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=4.0)
@@ -72,7 +72,8 @@ def test_background_is_smoothed_with_sigma_2_5(data_2d):
 
 
 def _planted_boxes(effect, side, centre_start, offset, jitter):
-    """Check one positive's effect map against the protocol; return the second box's jitter and signs."""
+    """Check one positive's effect map against the protocol; return the second box's jitter and
+    signs."""
     assert set(np.unique(effect)) == {0.0, 100.0}
     mask = effect == 100.0
     centre = tuple(slice(centre_start, centre_start + side) for _ in effect.shape)
@@ -185,6 +186,7 @@ def test_ncc_constant_map_is_zero():
     np.testing.assert_array_equal(scores, 0.0)
     assert ncc(x[0], np.zeros_like(x[0])) == 0.0
     mixed = np.stack([x[0], np.zeros_like(x[0])])
-    np.testing.assert_allclose(ncc(mixed, np.stack([x[0], x[1]]), axis=(1, 2, 3)), [1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(ncc(mixed, np.stack([x[0], x[1]]), axis=(1, 2, 3)), [1.0, 0.0],
+                               atol=1e-6)
     with pytest.raises(ValueError):
         ncc(x[0], x[0, :5])

@@ -29,9 +29,17 @@ def test_import_pulls_in_only_jax_flax_numpy():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def test_all_names_resolve():
-    for name in L.__all__:
-        assert getattr(L, name) is not None, name
+def test_public_names_are_all_and_each_is_in_the_readme():
+    """What `from jaxmed.layers import *` gives is what the package shows, and the README's
+    layer paragraph names every one of them (a new layer is documented or this fails)."""
+    public = {name for name in vars(L) if not name.startswith("_")} - {"annotations"}
+    modules = {name for name in public if type(getattr(L, name)).__name__ == "module"}
+    assert public - modules == set(L.__all__)
+    text = README.read_text()
+    paragraph = text[text.index("\nLayers: "):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    missing = [name for name in L.__all__ if f"`{name}`" not in paragraph]
+    assert not missing, f"README's layer paragraph does not name {missing}"
 
 
 def _readme_python_blocks():

@@ -152,9 +152,13 @@ def _finish(procs):
 
 
 def _assert_params_close(workdir, expected):
+    """Reductions split over devices or processes sum in another order, and Adam divides each
+    gradient by its own running scale, so a parameter whose gradient is near zero can move by a
+    few 1e-5 differently over 24 steps. One step more or less moves every parameter by about
+    the learning rate (3e-3): the tolerance is well below that."""
     got = _params(workdir)
     for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=2e-4, err_msg=name)
 
 
 def test_two_processes_match_one(reference, tmp_path, cache_dir):
