@@ -7,4 +7,7 @@
   (`docs/wsol.md`).
 - `letterbox`, `segmentation_folder`, `synthetic_kidney`, `augment`: segmentation data
   (`docs/segmentation.md`).
+- `slide`, `slide_writer`: whole-slide images, read lazily a tile at a time (`open_slide`,
+  OpenSlide's interface) and written as tiled pyramidal TIFF; `synthetic_slide`, `annotations`:
+  procedural H&E slides with known stains and QuPath GeoJSON regions (`docs/pathology.md`).
 """

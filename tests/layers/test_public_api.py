@@ -44,7 +44,7 @@ def test_public_names_are_all_and_each_is_in_the_readme():
 
 def _readme_python_blocks():
     text = README.read_text()
-    section = text.split("## Using the layers in your own JAX code", 1)[1]
+    section = text.split("## Using the layers in your own JAX code", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
