@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._memory import peak_rss_bytes
 from benchmarks._timing import print_table
 from jaxmed.data.slide import open_slide
 from jaxmed.data.synthetic_slide import make_synthetic_slide, write_synthetic_slide
@@ -51,18 +51,6 @@ GOAL_SECONDS, GOAL_RSS_MB = 30.0, 1024.0
 
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started this program: Linux's `VmHWM`,
-    which `exec` resets (`ru_maxrss` keeps the forking parent's peak, e.g. a large pytest
-    worker's, across `exec`); `ru_maxrss` elsewhere."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,

@@ -8,12 +8,16 @@ absolute JPEG error of a region) and timings.
 """
 
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from benchmarks._memory import peak_rss_bytes  # noqa: E402
 
 SIZE = 40_000
 TILE = 256
@@ -29,18 +33,6 @@ _BASES = np.clip(
 
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started this program: Linux's `VmHWM`,
-    which `exec` resets (`ru_maxrss` keeps the forking parent's peak, e.g. a large pytest
-    worker's, across `exec`); `ru_maxrss` elsewhere."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 def pattern(downsample: int, x: int, y: int, w: int, h: int) -> np.ndarray:
     """The slide's pixels: tile (column, row) of a level shows base tile
@@ -59,8 +51,6 @@ def write(path: str) -> None:
 
 
 def main(path: str) -> None:
-    from pathlib import Path
-
     started = time.perf_counter()
     if not Path(path).exists():
         # In a child process, so the writer's memory does not count here.
