@@ -10,6 +10,10 @@
 - `jaxmed.models.segmentation`: `SegmentationNet`, stem → CBAM → dilated ResNet (18–152, the
   layers of `jaxmed.models.resnet`) → CBAM → pyramid pooling → head, with an optional
   auxiliary head (`docs/segmentation.md`).
+- `jaxmed.models.attention_resnet`: `AttentionResNet18`, ResNet-18 with spatial attention after
+  the stem and after the last layer, returning a feature, an attention score and (for
+  pre-training) class logits per image: the whole-slide system's networks
+  (`docs/pathology.md`).
 
 Each submodule is imported on its own (`from jaxmed.models.resnet import ResNet50`), so using
 one system's networks does not build the others.

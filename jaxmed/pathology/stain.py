@@ -481,11 +481,26 @@ def _recompose(c, source_p99, target_stains, target_p99):
     return rgb_from_od(_per_pixel(c, target_stains))
 
 
+def recolour(rgb, source_stains, source_p99, target_stains, target_p99, *,
+             lam: float = 0.01) -> jax.Array:
+    """SPCN with fixed profiles, as a pure function to use inside `jax.jit`: the
+    concentrations of `rgb` under the source stains, scaled by the ratio of the 99th
+    percentiles, mixed with the target stains.
+
+    **Arguments:** `rgb` `(..., 3)` 0..255; `source_stains`, `target_stains` `(2, 3)`;
+    `source_p99`, `target_p99` `(2,)` (a `StainProfile`'s fields); `lam`: the concentrations'
+    lasso weight. **Returns:** uint8 of the shape of `rgb`.
+    """
+    rgb = jnp.asarray(rgb)
+    pixels = rgb.reshape(-1, 3)
+    c = stain_concentrations(pixels, source_stains, lam=lam)
+    return _recompose(c, source_p99, target_stains, target_p99).reshape(rgb.shape)
+
+
 @functools.partial(jax.jit, static_argnames="lam")
 def _recolour_jit(images, source_stains, source_p99, target_stains, target_p99, lam):
     """`(N, P, 3)` with one fixed source profile -> `(N, P, 3)` uint8."""
-    c = stain_concentrations(images, source_stains, lam=lam)
-    return _recompose(c, source_p99, target_stains, target_p99)
+    return recolour(images, source_stains, source_p99, target_stains, target_p99, lam=lam)
 
 
 class StainNormalizer:

@@ -20,10 +20,12 @@ and its apply/predict command rebuilds the trained system with `load_run(workdir
 
 from jaxmed.training._checkpoint import Checkpoints as Checkpoints
 from jaxmed.training._cli import RESUMABLE_OPTIONS as RESUMABLE_OPTIONS
+from jaxmed.training._cli import add_distributed_args as add_distributed_args
 from jaxmed.training._cli import add_training_args as add_training_args
 from jaxmed.training._cli import fit_options as fit_options
 from jaxmed.training._cli import inference_parser as inference_parser
 from jaxmed.training._cli import init_distributed as init_distributed
+from jaxmed.training._cli import one_line_errors as one_line_errors
 from jaxmed.training._cli import program_main as program_main
 from jaxmed.training._config import Config as Config
 from jaxmed.training._config import bounded as bounded

@@ -56,11 +56,12 @@ def add_training_args(parser: argparse.ArgumentParser, *, workdir: str,
                            help=text + " (default: %(default)s)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction,
                        default=True, help="show a progress bar (default: %(default)s)")
-    _add_distributed_args(parser)
+    add_distributed_args(parser)
     return parser
 
 
-def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Add `--coordinator-address --num-processes --process-id` (see `init_distributed`)."""
     dist = parser.add_argument_group(
         "distributed", "multi-host runs: start one process per host with the "
         "same options except --process-id")

@@ -25,7 +25,9 @@ class ConfigMismatch(InputDataError):
 
 
 def prepare_run_config(workdir: str | os.PathLike, config: dict[str, Any], *,
-                       resumable: Iterable[str] = ()) -> dict[str, Any]:
+                       resumable: Iterable[str] = (),
+                       checkpoint_dirs: Iterable[str | os.PathLike] | None = None
+                       ) -> dict[str, Any]:
     """Write `workdir/config.json` for a run that is starting or resuming, keeping it consistent
     with the run's checkpoints.
 
@@ -35,12 +37,14 @@ def prepare_run_config(workdir: str | os.PathLike, config: dict[str, Any], *,
     `ConfigMismatch` lists each differing option with both values and nothing is written;
     changed `resumable` values (e.g. `steps`) are written, and each change is recorded under
     `"resumed"` with the step it applied from. Only process 0 writes (atomically); every
-    process checks.
+    process checks. `checkpoint_dirs`: the work directories whose checkpoints this
+    configuration made, for a program that trains several models (default: `workdir`).
 
     **Returns:** the configuration now in `config.json`.
     """
     path = Path(workdir) / CONFIG_NAME
-    resumed_at = _latest_checkpoint(workdir)
+    steps = [_latest_checkpoint(d) for d in (checkpoint_dirs or [workdir])]
+    resumed_at = max((s for s in steps if s is not None), default=None)
     if resumed_at is None or not path.is_file():
         _write_json(path, config)
         return config
