@@ -179,33 +179,34 @@ def _place_blobs(rng, islands, occupied: list, count: int, radii) -> list:
 
 def _place(rng, islands: Sequence[Region], radius: float, occupied):
     """A centre for a blob of `radius` inside the tissue (off its holes) and apart from the
-    `occupied` `(centre, reach)` discs, or None when `_ATTEMPTS` draws find none."""
+    `occupied` `(centre, reach)` discs: the first of `_ATTEMPTS` random points that fits (an
+    island drawn by the area of its bounds, a point uniform in them), or None."""
     reach = _REACH * radius
-    area = np.array([(r.bounds()[2] - r.bounds()[0]) * (r.bounds()[3] - r.bounds()[1])
-                     for r in islands])
-    for _ in range(_ATTEMPTS):
-        island = islands[int(rng.choice(len(islands), p=area / area.sum()))]
-        x0, y0, x1, y1 = island.bounds()
-        centre = (rng.uniform(x0, x1), rng.uniform(y0, y1))
-        if (_inside(island.outline, centre, reach + 4.0)
-                and all(math.dist(centre, c) > reach + r + 4.0 for c, r in occupied)):
-            return centre
-    return None
+    bounds = np.array([r.bounds() for r in islands])  # bounds: [n, (x0, y0, x1, y1)]
+    area = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+    pick = rng.choice(len(islands), size=_ATTEMPTS, p=area / area.sum())
+    low, high = bounds[pick, :2], bounds[pick, 2:]
+    centres = low + (high - low) * rng.uniform(size=(_ATTEMPTS, 2))  # centres: [A, 2]
+    fits = np.zeros(_ATTEMPTS, bool)
+    for k, island in enumerate(islands):
+        fits[pick == k] = _inside(island.outline, centres[pick == k], reach + 4.0)
+    for centre, r in occupied:
+        fits &= np.hypot(*(centres - centre).T) > reach + r + 4.0
+    return tuple(float(v) for v in centres[np.argmax(fits)]) if fits.any() else None
 
 
-def _inside(outline, centre, reach: float) -> bool:
-    """Whether the disc of `reach` around `centre` lies inside the star-shaped `outline`: 32
-    points of its rim (and the centre) closer to the star's centre than its edges there."""
-    angles = 2 * np.pi * np.arange(32) / 32
-    px = centre[0] + reach * np.cos(angles) - outline.centre[0]
-    py = centre[1] + reach * np.sin(angles) - outline.centre[1]
-    px, py = np.append(px, centre[0] - outline.centre[0]), np.append(py, centre[1]
-                                                                     - outline.centre[1])
+def _inside(outline, centres: np.ndarray, reach: float) -> np.ndarray:
+    """Whether each disc of `reach` around `centres` (`[m, 2]`) lies inside the star-shaped
+    `outline`: its centre and 32 points of its rim nearer the star's centre than its edges."""
+    angles = 2 * np.pi * np.arange(33) / 32
+    rim = np.where(np.arange(33) < 32, reach, 0.0)  # the last point is the centre
+    px = centres[:, :1] + rim * np.cos(angles) - outline.centre[0]  # px: [m, 33]
+    py = centres[:, 1:] + rim * np.sin(angles) - outline.centre[1]
     n = len(outline.radii)
     k = np.floor(np.arctan2(py, px) * (n / (2 * np.pi))).astype(int) % n
     # An edge between vertices k and k + 1 stays beyond the smaller radius times cos(pi / n).
-    edge = np.minimum(outline.radii[k], np.roll(outline.radii, -1)[k]) * math.cos(math.pi / n)
-    return bool(np.all(np.hypot(px, py) < edge))
+    edge = np.minimum(outline.radii, np.roll(outline.radii, -1)) * math.cos(math.pi / n)
+    return np.all(np.hypot(px, py) < edge[k], axis=1)
 
 
 def cohort_labels(class_names: Sequence[str], slides_per_class: int, seed: int) -> list[str]:
