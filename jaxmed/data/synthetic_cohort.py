@@ -6,8 +6,8 @@ distractor at low resolution.
 names say nothing about the class: the label is only in `labels.csv`. The decisions are in
 docs/pathology.md; in short, a slide (`cohort_design`) is
 
-- tissue: two or three islands (`make_synthetic_slide` shapes, some with a hole) of a sheet of
-  small cells, unannotated; it is the "normal" tissue of every slide;
+- tissue: one island or three (`make_synthetic_slide` shapes, some with a hole; about 35 % or
+  25 % of the slide) of a sheet of small cells, unannotated: the "normal" tissue of every slide;
 - foci: in a slide of a tumour class, 3-6 blobs of radius 0.3-0.6 `tile` inside the tissue,
   annotated with the class. Their texture is the same cell sheet (the same nuclei, in the same
   places) plus a pattern of 2-pixel period at level 0: coarse chromatin (a checkerboard in the
@@ -17,7 +17,7 @@ docs/pathology.md; in short, a slide (`cohort_design`) is
 - annotated normal regions: when "normal" is a class, 1-2 blobs of the plain sheet in every
   slide, annotated "normal", drawn without the label (a slide's GeoJSON is never empty);
 - a distractor: with `distractor_probability`, whatever the class, one large region
-  (radius 1-1.6 `tile`) of dense eosin stroma over the tissue, unannotated, visible at every
+  (radius 1.3-2 `tile`) of dense eosin stroma over the tissue, unannotated, visible at every
   level; foci and normal regions are placed outside it;
 - stains: per slide, the stain vectors of `HE_STAINS` with each component scaled by
   `exp(N(0, stain_variation))` (about 4 degrees at 0.1) and each stain's strength by
@@ -92,7 +92,7 @@ def cohort_design(
     stain_variation: float = 0.1,
     foci: tuple[int, int] = (3, 6),
     focus_radius: tuple[float, float] = (0.3, 0.6),
-    distractor_radius: tuple[float, float] = (1.0, 1.6),
+    distractor_radius: tuple[float, float] = (1.3, 2.0),
 ) -> SyntheticSlide:
     """The design of slide `index` of class `label` (see the module's doc).
 
@@ -238,7 +238,7 @@ def write_cohort(
     workers: int = 1,
     foci: tuple[int, int] = (3, 6),
     focus_radius: tuple[float, float] = (0.3, 0.6),
-    distractor_radius: tuple[float, float] = (1.0, 1.6),
+    distractor_radius: tuple[float, float] = (1.3, 2.0),
 ) -> list[CohortSlide]:
     """Write a labelled cohort into `directory`, or finish one begun with the same options.
 

@@ -25,6 +25,13 @@ docs/pathology.md; in short:
   and a haematoxylin tinge. Their stain levels are set so that at downsample 8 the classes'
   mean RGB agree within about 1 grey level, while at level 0 their nuclear darkness, nuclear
   area or clear (luminal) area differ about twofold or more (tests/data/test_synthetic_slide.py).
+- Overlays and other textures (for `jaxmed.data.synthetic_cohort`): a region may draw another
+  texture than its class's (`Region.texture`, one of `TEXTURES`) and be left out of the
+  annotations; `SyntheticSlide.overlays` are painted over the tissue in turn. The "sheet-*"
+  textures share one coarse structure, a sheet of small cells, and differ only in a pattern of
+  2-pixel period at level 0 (a checkerboard of chromatin in the nuclei, a cross-hatch of
+  keratin in the cytoplasm) that every 2 x 2 area mean removes, with the mean intensity kept;
+  lower levels draw the plain sheet. "dense-stroma" is strong eosin in coarse fibres.
 - Pixel noise: tissue concentrations vary by 5 % (relative), glass by 0.004, independently per
   pixel (a pattern repeating every 509 pixels), and by 1/d of that at downsample d, as the mean
   of d x d pixels would.
@@ -59,8 +66,8 @@ import numpy as np
 from jaxmed.data.annotations import Annotation, class_color, write_annotations
 from jaxmed.data.slide_writer import write_slide
 
-__all__ = ["CLASS_TEXTURES", "HE_STAINS", "Region", "SyntheticSlide", "make_synthetic_slide",
-           "mix_stains", "write_synthetic_slide"]
+__all__ = ["CLASS_TEXTURES", "HE_STAINS", "TEXTURES", "Region", "SyntheticSlide", "blob_region",
+           "make_synthetic_slide", "mix_stains", "write_synthetic_slide"]
 
 # The reference H&E optical densities (R, G, B) of Macenko et al. 2009, the default target of
 # Macenko normalisers (torchstain's HERef), scaled to unit length. Ruifrok & Johnston's
@@ -392,7 +399,82 @@ def _adenocarcinoma(X, Y, ds: int, seed: int):
     return haematoxylin * clear + 0.01 * lumen, eosin * clear + 0.02 * lumen
 
 
-_TEXTURES = {"adenocarcinoma": _adenocarcinoma, "squamous": _squamous, "normal": _normal}
+# The cell-sheet textures: one coarse structure (a sheet of small cells on the same hashed
+# lattice), told apart only by a pattern of 2-pixel period at level 0, which every 2 x 2 area mean
+# removes exactly; a lower level draws the sheet without it. The pattern adds `a c s` to a
+# concentration `c` (`s` in {-1, 0, 1}, the mean of every 2 x 2 block 0) and
+# `log cosh(k a c s) / k`, `k` the stain's mean optical density: that keeps the 2 x 2 mean of
+# the intensity `exp(-k c)` unchanged, so a x0.5 area mean of the RGB tile sees no difference
+# (within a grey level: the stains' channels differ from their mean `k`).
+_SHEET_NUCLEI = _Lattice(stream=50, cell=20.0, presence=0.8, jitter=0.3, sigma=(2.4, 3.2),
+                         amplitude=(0.9, 1.2))
+_DENSE_STROMA_NUCLEI = _Lattice(stream=52, cell=48.0, presence=0.3, jitter=0.35,
+                                sigma=(2.2, 3.0), amplitude=(1.0, 1.3))
+_CHROMATIN = 0.35  # relative amplitude of the chromatin pattern in the nuclei
+_KERATIN = 0.35  # relative amplitude of the fibril pattern in the cytoplasm
+_MEAN_DENSITY = HE_STAINS.mean(axis=1)  # (haematoxylin, eosin) channel-mean optical density
+
+
+def _cell_sheet(X, Y, ds: int, seed: int):
+    """`(nuclei, haematoxylin, eosin)` of a sheet of small cells: dense nuclei, pink cytoplasm
+    with faint fibres."""
+    nuclei = _SHEET_NUCLEI.field(X, Y, ds, seed)
+    fibres = _fibres(X, Y, ds, seed, 54, wavelength=18.0)
+    eosin = (0.40 + 0.12 * fibres) * (1.0 - _occupied(nuclei, 0.6))
+    return nuclei, 0.09 + nuclei, eosin
+
+
+def _pixel_pattern(X, Y, kind: str) -> np.ndarray:
+    """`(h, w)` pattern of 2-pixel period at level-0 pixel centres: "checker" `(-1)^(i + j)`, or
+    "cross" `((-1)^i + (-1)^j) / 2`; each 2 x 2 block sums to 0 wherever it starts."""
+    sx = 1.0 - 2.0 * (np.floor(X).astype(np.int64) & 1)
+    sy = 1.0 - 2.0 * (np.floor(Y).astype(np.int64) & 1)
+    if kind == "checker":
+        return np.outer(sy, sx)
+    return 0.5 * (sy[:, None] + sx[None, :])
+
+
+def _patterned(c: np.ndarray, amplitude: float, pattern: np.ndarray, density: float):
+    """`c + a c s + log cosh(k a c s) / k`: the 2 x 2 mean of `exp(-k c)` kept."""
+    delta = amplitude * c * pattern
+    return c + delta + np.log(np.cosh(density * delta)) / density
+
+
+def _sheet_normal(X, Y, ds: int, seed: int):
+    """The cell sheet, plain."""
+    return _cell_sheet(X, Y, ds, seed)[1:]
+
+
+def _sheet_adenocarcinoma(X, Y, ds: int, seed: int):
+    """The cell sheet with coarse chromatin: a checkerboard of darker and paler nuclear pixels."""
+    nuclei, haematoxylin, eosin = _cell_sheet(X, Y, ds, seed)
+    if ds > 1:
+        return haematoxylin, eosin
+    pattern = _pixel_pattern(X, Y, "checker")
+    return haematoxylin - nuclei + _patterned(nuclei, _CHROMATIN, pattern, _MEAN_DENSITY[0]), eosin
+
+
+def _sheet_squamous(X, Y, ds: int, seed: int):
+    """The cell sheet with keratin fibrils: a 2-pixel cross-hatch of eosin in the cytoplasm."""
+    _, haematoxylin, eosin = _cell_sheet(X, Y, ds, seed)
+    if ds > 1:
+        return haematoxylin, eosin
+    return haematoxylin, _patterned(eosin, _KERATIN, _pixel_pattern(X, Y, "cross"),
+                                    _MEAN_DENSITY[1])
+
+
+def _dense_stroma(X, Y, ds: int, seed: int):
+    """Dense collagen: strong eosin in coarse fibres, few nuclei (visible at any level)."""
+    fibres = _fibres(X, Y, ds, seed, 56, wavelength=26.0)
+    nuclei = _DENSE_STROMA_NUCLEI.field(X, Y, ds, seed)
+    eosin = (0.75 + 0.35 * fibres) * (1.0 - _occupied(nuclei, 0.6))
+    return 0.05 + nuclei, eosin
+
+
+_TEXTURES = {"adenocarcinoma": _adenocarcinoma, "squamous": _squamous, "normal": _normal,
+             "sheet-normal": _sheet_normal, "sheet-adenocarcinoma": _sheet_adenocarcinoma,
+             "sheet-squamous": _sheet_squamous, "dense-stroma": _dense_stroma}
+TEXTURES = tuple(_TEXTURES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,11 +555,21 @@ class _Star:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Region:
-    """One tissue island of one class: a star-shaped outline with optional holes (glass)."""
+    """One tissue island of one class: a star-shaped outline with optional holes (glass).
+
+    `texture` names the texture drawn in it when it is not the class's own (`TEXTURES`);
+    an `annotated=False` region is tissue without an annotation (not in `annotations()`)."""
 
     class_name: str
     outline: _Star
     holes: tuple[_Star, ...] = ()
+    texture: str = ""
+    annotated: bool = True
+
+    @property
+    def texture_name(self) -> str:
+        """The texture drawn in the region: `texture`, or else the class's own."""
+        return self.texture or self.class_name
 
     @property
     def polygon(self) -> np.ndarray:
@@ -523,6 +615,9 @@ class SyntheticSlide:
     - `seed`: every random texture detail follows from it.
     - `class_names`: the classes the regions use; label `k + 1` in `class_map` is
       `class_names[k]`.
+    - `overlays`: regions painted over the tissue of `regions`, in order, each replacing the
+      texture (and the class) beneath it; they never add tissue on glass.
+    - `intensity`: factors of the haematoxylin and eosin of the tissue (staining strength).
     """
 
     size: tuple[int, int]
@@ -530,6 +625,8 @@ class SyntheticSlide:
     stains: np.ndarray
     seed: int
     class_names: tuple[str, ...]
+    overlays: tuple[Region, ...] = ()
+    intensity: tuple[float, float] = (1.0, 1.0)
 
     def render(self, downsample: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """uint8 `(h, w, 3)` RGB of the region of the level with this integer downsample;
@@ -564,11 +661,17 @@ class SyntheticSlide:
         for region in self.regions:
             inside = np.broadcast_to(region.coverage(X, Y, 1), (h, w)) > 0.5
             labels[inside] = self.class_names.index(region.class_name) + 1
+        tissue = labels > 0
+        for overlay in self.overlays:
+            inside = (np.broadcast_to(overlay.coverage(X, Y, 1), (h, w)) > 0.5) & tissue
+            labels[inside] = self.class_names.index(overlay.class_name) + 1
         return labels
 
     def annotations(self) -> list[Annotation]:
-        """The regions as annotations (outline, holes, class), level-0 pixels."""
-        return [region.annotation() for region in self.regions]
+        """The annotated regions and overlays as annotations (outline, holes, class), level-0
+        pixels."""
+        return [region.annotation() for region in self.regions + self.overlays
+                if region.annotated]
 
     def _direct(self, ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """float64 `(h, w, 2)` concentrations evaluated at the level's pixel centres, computed
@@ -586,14 +689,11 @@ class SyntheticSlide:
         row, col = (y + shift) % _NOISE_PERIOD, (x + 2 * shift) % _NOISE_PERIOD
         noise = _noise_table(self.seed)[row:row + h, col:col + w]  # noise: [h, w, 2]
         out = np.zeros((h, w, 2))
-        covered = 0.0  # the tissue fraction of each pixel: a float while uniform
-        for name in self.class_names:
-            parts = [r.coverage(X, Y, ds) for r in self.regions if r.class_name == name]
-            parts = [p for p in parts if not isinstance(p, float) or p > 0]
-            if not parts:
-                continue
-            coverage = sum(parts[1:], start=parts[0])
+        weights, covered = self._texture_weights(X, Y, ds)
+        for name, coverage in weights.items():
             if isinstance(coverage, float):
+                if coverage == 0.0:
+                    continue
                 window, weight = np.s_[:, :], coverage
             else:
                 rows = np.nonzero(coverage.any(axis=1))[0]
@@ -605,7 +705,8 @@ class SyntheticSlide:
             haematoxylin, eosin = _TEXTURES[name](X[window[1]], Y[window[0]], ds, self.seed)
             out[window + (0,)] += weight * haematoxylin
             out[window + (1,)] += weight * eosin
-            covered = covered + coverage
+        if self.intensity != (1.0, 1.0):
+            out *= np.asarray(self.intensity, np.float64)
         out *= 1.0 + (_TISSUE_NOISE / ds) * noise
         if not (isinstance(covered, float) and covered == 1.0):
             film = _GLASS_VARIATION * _smooth_noise(X, Y, ds, self.seed, 1, (700, 1300, 2100))
@@ -614,6 +715,32 @@ class SyntheticSlide:
             glass[..., 1] += _GLASS[1] + film
             out += (1.0 - np.asarray(covered))[..., None] * glass
         return np.maximum(out, 0.0, out=out)
+
+    def _texture_weights(self, X, Y, ds: int):
+        """`({texture: fraction of each pixel}, tissue fraction)`: each a float while uniform
+        over the grid, else `(h, w)`. The regions' textures in class order, then the overlays
+        painted over them in turn (a painter's algorithm inside the tissue)."""
+        weights, covered = {}, 0.0
+        textures = dict.fromkeys([*self.class_names, *(r.texture_name for r in self.regions)])
+        for name in textures:
+            parts = [r.coverage(X, Y, ds) for r in self.regions if r.texture_name == name]
+            parts = [p for p in parts if not isinstance(p, float) or p > 0]
+            if not parts:
+                continue
+            coverage = sum(parts[1:], start=parts[0])
+            if not isinstance(coverage, float) and not coverage.any():
+                continue
+            weights[name] = coverage
+            covered = covered + coverage
+        for overlay in self.overlays:
+            inside = overlay.coverage(X, Y, ds)
+            if isinstance(inside, float) and inside == 0.0:
+                continue
+            for name in weights:
+                weights[name] = weights[name] * (1.0 - inside)
+            weights[overlay.texture_name] = weights.get(overlay.texture_name, 0.0) \
+                + inside * covered
+        return weights, covered
 
 
 def _region(downsample, x, y, w, h):
@@ -686,6 +813,33 @@ def make_synthetic_slide(
         regions.append(Region(names[i], outline, holes))
     return SyntheticSlide((width, height), tuple(regions), _stain_matrix(stains), int(seed),
                           class_names)
+
+
+def blob_region(
+    class_name: str,
+    centre: tuple[float, float],
+    radius: float,
+    *,
+    rng: np.random.Generator,
+    roughness: float = 0.25,
+    vertices: int = 96,
+    texture: str = "",
+    annotated: bool = True,
+) -> Region:
+    """A smooth blob-shaped region without holes, e.g. an overlay of a `SyntheticSlide`.
+
+    **Arguments:**
+
+    - `class_name`, `texture`, `annotated`: as `Region`'s (`texture` one of `TEXTURES`).
+    - `centre`, `radius`: level-0 pixels; the outline lies within `radius * (1 +- roughness)`.
+    - `rng`: draws the outline's harmonics.
+    - `roughness`, `vertices`: how far the outline departs from a circle, and its vertex count.
+    """
+    if (texture or class_name) not in _TEXTURES:
+        raise ValueError(f"unknown texture {texture or class_name!r}; use one of {TEXTURES}")
+    radii = radius * _harmonic_radii(rng, vertices, roughness)
+    return Region(class_name, _Star((float(centre[0]), float(centre[1])), radii), (), texture,
+                  annotated)
 
 
 def _harmonic_radii(rng, n: int, roughness: float) -> np.ndarray:

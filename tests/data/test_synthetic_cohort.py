@@ -19,7 +19,7 @@ from jaxmed.data.synthetic_cohort import (
     read_labels,
     write_cohort,
 )
-from jaxmed.data.synthetic_slide import HE_STAINS
+from jaxmed.data.synthetic_slide import HE_STAINS, blob_region
 from jaxmed.errors import InputDataError
 
 SIZE, TILE = (1024, 1024), 128
@@ -286,6 +286,15 @@ def test_the_distractor_is_drawn_without_the_label():
     design = cohort_design("squamous", 0, distractor_probability=1.0, **SIZE_TILE)
     distractor = design.overlays[0]
     assert distractor.texture_name == "dense-stroma" and not distractor.annotated
+    # An overlay never adds tissue: where it covers glass, glass stays.
+    labels = design.class_map(8, 0, 0, 128, 128)
+    X = (np.arange(128) + 0.5) * 8
+    glass = scipy.ndimage.binary_erosion(labels == 0, iterations=2)  # off the edge ramps
+    over_glass = (distractor.coverage(X, X, 8) == 1.0) & glass
+    assert over_glass.sum() > 20
+    assert design.render(8, 0, 0, 128, 128)[over_glass].min() > 235
+    with pytest.raises(ValueError, match="texture"):
+        blob_region("normal", (10, 10), 5, rng=np.random.default_rng(0), texture="fold")
     # Visible at low resolution: much pinker than the tissue around it.
     x, y = (int(v) // 8 for v in distractor.outline.centre)
     rgb = design.render(8, x - 4, y - 4, 8, 8).astype(float).mean(axis=(0, 1))
