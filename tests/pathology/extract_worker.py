@@ -6,18 +6,16 @@ with it in a subprocess (to be killed, or as one of two `jax.distributed` proces
 """
 
 import argparse
-import functools
 import time
 import zlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-TILE = 128
+TILE = 64
 
 
-@functools.partial(jax.jit, static_argnums=())
+@jax.jit
 def _tile_means(tiles, offset):
     means = jnp.mean(tiles.astype(jnp.float32), axis=(1, 2))  # means: [B, 3]
     return {"mean": means + offset, "corner": tiles[:, 0, 0, :]}
@@ -68,11 +66,12 @@ def main() -> None:
         jax.distributed.initialize(args.coordinator, 2, args.process_id)
     from jaxmed.pathology.extract import extract_slides
 
-    report = extract_slides(args.slides, args.output, ToyFeaturizer(hold=args.hold),
-                            batch_size=4, readers=2, prefetch_batches=2, progress=False)
+    featurizer = ToyFeaturizer(hold=args.hold)
+    report = extract_slides(args.slides, args.output, featurizer, batch_size=4, readers=2,
+                            prefetch_batches=2, progress=False)
+    devices = sorted({seen[2] for seen in featurizer.seen})
     print("report", jax.process_index(), report.done, report.skipped, report.failed,
-          report.tiles, flush=True)
-    np.asarray(0)
+          report.tiles, str(devices).replace(" ", ""), jax.device_count(), flush=True)
 
 
 if __name__ == "__main__":
