@@ -8,7 +8,7 @@ tiles at level 0 in batches, run the featurizer's device function on each batch,
 How the work overlaps (so the devices rarely wait for tiles, the usual complaint about CLAM):
 
 - One background thread prepares slides in order (open, mask, grid, `Featurizer.prepare`),
-  one slide ahead of the slide being computed.
+  up to two slides ahead of the slide whose tiles are being read.
 - A feeder thread cuts each prepared slide into batches of `batch_size` tiles and hands the
   tile reads to a pool of `readers` threads (`Slide.read_region` is thread-safe, and the
   codecs release the GIL while decoding); at most `prefetch_batches` assembled batches wait.
@@ -44,9 +44,9 @@ import json
 import math
 import os
 import queue
-import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,13 +55,14 @@ import h5py
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmed.data.slide import Slide, SlideError, open_slide
 from jaxmed.errors import InputDataError
 from jaxmed.pathology import tissue
-from jaxmed.pathology.tiles import TileGrid, tile_grid
+from jaxmed.pathology.tiles import TileGrid, _write_atomically, tile_grid
 
 SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".svs", ".ndpi")
 INDEX_COLUMNS = ("slide", "status", "tiles", "seconds", "error")
@@ -303,19 +304,7 @@ def extract_slides(
 
     index = _Index(output)
     mine = slides[process_index::process_count]
-    todo, skipped = [], 0
-    for path in mine:
-        stem = slide_stem(path)
-        _remove_partial_files(output, stem)
-        record = index.own(stem)
-        if _is_complete(output / f"{stem}.h5"):
-            if record is None or record["status"] != "ok":
-                index.put(stem, _record_from_file(output / f"{stem}.h5", path))
-            skipped += 1
-        elif record is not None and record["status"] == "failed" and not retry_failed:
-            continue
-        else:
-            todo.append(path)
+    todo, skipped = _plan(mine, output, index, retry_failed)
     index.write()
 
     engine = _Engine(featurizer, attributes, tiling, tiling_attributes, output, index,
@@ -327,8 +316,7 @@ def extract_slides(
     finally:
         bar.close()
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    if jax.process_count() > 1:  # the last rewrite of the index sees every process's records
         multihost_utils.sync_global_devices("jaxmed.pathology.extract: all slides done")
     if process_index == 0:
         index.write()
@@ -340,10 +328,28 @@ def extract_slides(
         input_wait_seconds=engine.input_wait, records=[r for r in records if r is not None])
 
 
+def _plan(mine: list[Path], output: Path, index: "_Index",
+          retry_failed: bool) -> tuple[list[Path], int]:
+    """The slides to extract now, and how many are skipped as complete. Clears the temporary
+    files a killed run left for these slides (only their owner ever writes them)."""
+    todo, skipped = [], 0
+    for path in mine:
+        stem = slide_stem(path)
+        _remove_partial_files(output, stem)
+        record = index.own(stem)
+        if _is_complete(output / f"{stem}.h5"):
+            if record is None or record["status"] != "ok":  # e.g. records deleted
+                index.put(stem, _record_from_file(output / f"{stem}.h5", path))
+            skipped += 1
+        elif record is None or record["status"] != "failed" or retry_failed:
+            todo.append(path)
+    return todo, skipped
+
+
 def _check_options(featurizer, batch_size, readers, prefetch_batches, process_index,
                    process_count) -> dict[str, Any]:
     devices = jax.local_device_count()
-    if not isinstance(batch_size, int) or batch_size < 1 or batch_size % devices:
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1 or batch_size % devices:
         raise ValueError(f"batch_size must be a positive multiple of this host's {devices} "
                          f"devices, got {batch_size!r}")
     if readers < 1 or prefetch_batches < 1:
@@ -397,7 +403,6 @@ def _is_complete(path: Path) -> bool:
 
 
 def _remove_partial_files(output: Path, stem: str) -> None:
-    """Temporary files a killed run left for this slide (only its owner ever writes them)."""
     for folder, name in ((output, f"{stem}.h5"), (output / RECORDS, f"{stem}.json")):
         for partial in folder.glob(f".{name}.*.partial"):
             partial.unlink(missing_ok=True)
@@ -412,18 +417,6 @@ def _record_from_file(path: Path, slide: Path) -> dict:
 def _record(slide: Path, status: str, tiles: int, seconds: float, error: str) -> dict:
     return {"slide": str(slide), "status": status, "tiles": int(tiles),
             "seconds": round(float(seconds), 3), "error": error}
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call `write(temporary)` on a hidden file beside `path`, then rename it onto `path`."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class _Index:
@@ -539,7 +532,8 @@ class _Engine:
         self.done = self.tiles = 0
         self.input_wait = 0.0
         self._stop = threading.Event()
-        self._works: list[_SlideWork] = []
+        # Slides opened and not yet finished (weakly held, so a long run keeps no grids).
+        self._works: weakref.WeakSet[_SlideWork] = weakref.WeakSet()
 
     # ---- the device loop
 
@@ -597,7 +591,7 @@ class _Engine:
             for thread in threads:
                 thread.join()
             pool.shutdown(wait=True, cancel_futures=True)
-            for work in self._works:  # after an interruption some are still open
+            for work in list(self._works):  # after an interruption some are still open
                 work.close()
 
     def _wait_for_tiles(self, batch: _Batch) -> np.ndarray | None:
@@ -717,7 +711,7 @@ class _Engine:
     def _prepare_all(self, todo: list[Path], prepared: queue.Queue) -> None:
         for path in todo:
             work = _SlideWork(path)
-            self._works.append(work)
+            self._works.add(work)
             begun = time.perf_counter()
             try:
                 self._prepare(work)

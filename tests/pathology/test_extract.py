@@ -195,6 +195,8 @@ def test_resume_after_sigkill_loses_only_the_slide_in_progress(slides, reference
         proc.communicate()
     assert final_files(output) == ["index.csv", "s0.h5"]
     assert [(r["slide"], r["status"]) for r in index_rows(output)] == [(str(slides[0]), "ok")]
+    (output / ".s1.h5.x1.partial").write_bytes(b"half")  # as a kill while writing leaves
+    (output / ".records" / ".s2.json.x2.partial").write_bytes(b"{")
 
     report = extract(slides, output)
     assert (report.done, report.skipped, report.failed) == (2, 1, 0)
