@@ -12,9 +12,11 @@ classifier on top.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
+import h5py
 import jax
 import numpy as np
 
@@ -54,7 +56,6 @@ from jaxmed.training import (
     add_training_args,
     fit,
     fit_options,
-    inference_parser,
     init_distributed,
     make_batches,
     one_line_errors,
@@ -76,6 +77,22 @@ def add_extraction_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+def remove_stale_features(workdir: Path, featurizer: WsiFeaturizer) -> None:
+    """Remove the run's features, and the slide classifier fitted on them, when they were made
+    by other networks (a resume with more --steps trained them further): both are made again."""
+    fingerprint = featurizer.attributes()["fingerprint"]
+    for path in sorted((workdir / FEATURES_DIR).glob("*.h5")):
+        try:
+            with h5py.File(path, "r") as file:
+                stale = file.attrs.get("fingerprint") != fingerprint
+        except OSError:
+            continue  # unreadable: not complete, so extraction redoes it
+        if stale:
+            shutil.rmtree(workdir / FEATURES_DIR)
+            shutil.rmtree(workdir / CLASSIFIER_DIR, ignore_errors=True)
+            return
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="held-out slides drawn with their attention in figures/ "
                               "(default: %(default)s)")
     add_extraction_args(parser)
-    add_training_args(parser, workdir="runs/wsi", steps=300, batch_size=32, log_every=25,
+    add_training_args(parser, workdir="runs/wsi", steps=400, batch_size=32, log_every=25,
                       checkpoint_every=100)
     return parser
 
@@ -122,6 +139,9 @@ def train(args: argparse.Namespace, config: WsiConfig) -> dict[str, float]:
 
     # --- features of every slide --- (resumable; this host's share of the slides)
     featurizer = WsiFeaturizer(config, networks, states, normalizer)
+    if jax.process_index() == 0:
+        remove_stale_features(workdir, featurizer)
+    synchronise("wsi-stale-features")
     report = extract_slides(slides.paths, workdir / FEATURES_DIR, featurizer,
                             batch_size=args.tile_batch, readers=args.readers,
                             progress=args.progress)
@@ -209,10 +229,15 @@ def extract_main(argv: list[str]) -> None:
 
 
 def build_classify_parser() -> argparse.ArgumentParser:
-    parser = inference_parser(
-        f"{PROGRAM} classify", "Classify slides with a trained run: predictions.csv (class "
-        "and probabilities per slide), <stem>_attention.png (the attention of each tile), "
-        "and the extracted features in <output>/features.", "slide files")
+    parser = one_line_errors(argparse.ArgumentParser(
+        prog=f"{PROGRAM} classify",
+        description="Classify slides with a trained run (its latest checkpoints): "
+                    "predictions.csv (class and probabilities per slide), "
+                    "<stem>_attention.png (the attention of each tile), and the extracted "
+                    "features in <output>/features."))
+    parser.add_argument("--workdir", required=True, help="the training run's work directory")
+    parser.add_argument("--input", nargs="+", required=True, help="slide files")
+    parser.add_argument("--output", required=True, help="output folder")
     add_extraction_args(parser)
     return parser
 

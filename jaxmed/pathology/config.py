@@ -64,7 +64,7 @@ class WsiConfig(Config):
         "the slides folder)", group=DATA, type=run_path)
     test_fraction: float = option(0.34, "fraction of the slides held out for testing, "
                                   "stratified by class", group=DATA, type=open_unit_interval)
-    cohort_slides_per_class: int = option(8, "synthetic slides per class", group=DATA,
+    cohort_slides_per_class: int = option(10, "synthetic slides per class", group=DATA,
                                           type=bounded(int, low=2))
     cohort_size: int = option(2048, "side of a synthetic slide in level-0 pixels", group=DATA,
                               type=bounded(int, low=512))
@@ -126,7 +126,7 @@ class WsiConfig(Config):
     label_smoothing: float = option(0.0, "label smoothing of the pre-training cross-entropy",
                                     group=OPTIMISER, type=unit_interval)
 
-    steps: int = option(300, "pre-training steps of each network", cli=False, resumable=True)
+    steps: int = option(400, "pre-training steps of each network", cli=False, resumable=True)
     seed: int = option(0, "seed of the cohort, split, initialisation and augmentation",
                        cli=False)
 

@@ -14,7 +14,7 @@ README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_whole_slide_example_runs(tmp_path, monkeypatch):
-    section = README.read_text().split("## Whole-slide images", 1)[1].split("\n## ", 1)[0]
+    section = README.read_text().split("## Whole-slide data", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     design = make_synthetic_slide((6144, 6144), seed=2)  # 3 tiles of 1152
     write_synthetic_slide(tmp_path / "slide.svs", design)
