@@ -168,7 +168,8 @@ def classify_slides(workdir: str | os.PathLike, inputs: Sequence[str],
                                  probabilities, names)]
     for i, (path, features) in enumerate(found.items()):
         k = int(np.argmax(probabilities[i]))
-        written.append(draw_attention(path, features, run.config, out / f"{path.stem}_attention.png",
+        written.append(draw_attention(path, features, run.config,
+                                      out / f"{path.stem}_attention.png",
                                       f"{path.name}: {names[k]} ({probabilities[i, k]:.2f})"))
     return written, report.failed
 

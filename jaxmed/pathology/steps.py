@@ -157,9 +157,8 @@ class WsiFeaturizer:
         return {"slide_feature": np.asarray(feature)}
 
     def attributes(self) -> dict[str, Any]:
-        return {"fingerprint": self._fingerprint, "ratio": self.config.ratio, "stain": self.config.stain,
-                "weighting": self.config.weighting, "temperature": self.config.temperature,
-                "width": self.config.width, "dtype": self.config.dtype}
+        keys = ("ratio", "stain", "weighting", "temperature", "width", "dtype")
+        return {"fingerprint": self._fingerprint, **{k: getattr(self.config, k) for k in keys}}
 
 
 def _fingerprint(config: WsiConfig, states: Mapping[str, TrainState]) -> str:
