@@ -288,8 +288,9 @@ def write_cohort(
     else:
         for job in jobs:
             _write_one(*job)
-    _write_text(directory / LABELS, "slide,label\n"
-                + "".join(f"{s.path.name},{s.label}\n" for s in slides))
+    text = "slide,label\n" + "".join(f"{s.path.name},{s.label}\n" for s in slides)
+    if not (directory / LABELS).is_file() or (directory / LABELS).read_text() != text:
+        _write_text(directory / LABELS, text)  # a finished cohort is left untouched
     return slides
 
 
