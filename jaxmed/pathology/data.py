@@ -241,8 +241,13 @@ class _Rows(ArraySource):
         return {"image": np.asarray(self.images[row]), "label": self.labels[row]}
 
 
-def _manifest(config: WsiConfig, train: SlideSet) -> dict:
-    return {"slides": [str(p) for p in train.paths], "tile_size": config.tile_size,
+def _manifest(config: WsiConfig, train: SlideSet, workdir: Path) -> dict:
+    # Slides inside the run (the synthetic cohort) are recorded relative to it, so a copied or
+    # moved run keeps its cache.
+    paths = [Path(p).resolve() for p in train.paths]
+    slides = [os.path.relpath(p, workdir) if p.is_relative_to(workdir) else str(p)
+              for p in paths]
+    return {"slides": slides, "tile_size": config.tile_size,
             "ratio": config.ratio, "min_corners": config.min_corners, "stain": config.stain,
             "stain_target": config.stain_target, "unannotated": config.unannotated,
             "max_tiles_per_slide": config.max_tiles_per_slide, "seed": config.seed,
@@ -262,7 +267,7 @@ def pretraining_set(config: WsiConfig, train: SlideSet, workdir: str | os.PathLi
     (`fusion.split_tile`) and labelled (`image_labels`).
     """
     directory = Path(workdir) / PRETRAIN_DIR
-    manifest = _manifest(config, train)
+    manifest = _manifest(config, train, Path(workdir).resolve())
     if jax.process_index() == 0 and _read_manifest(directory) != manifest:
         _build_pretraining(directory, manifest, config, train, normalizer, readers, progress)
     synchronise("wsi-pretrain")
