@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SYSTEMS = {"mapping_gan", "wsol", "segmentation", "pathology"}
+SYSTEMS = {"mapping_gan", "wsol", "segmentation", "pathology", "atlas"}
 # What each library package of jaxmed may import from jaxmed besides itself.
 ALLOWED = {
     "layers": set(),
