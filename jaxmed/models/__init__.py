@@ -14,6 +14,9 @@
   the stem and after the last layer, returning a feature, an attention score and (for
   pre-training) class logits per image: the whole-slide system's networks
   (`docs/pathology.md`).
+- `jaxmed.models.feature_classifier`: `FeatureClassifier`, conv blocks → flatten → FC 16 → FC
+  classes, with a swappable activation: the classifier whose feature nodes the atlas explains
+  (`docs/atlas.md`).
 
 Each submodule is imported on its own (`from jaxmed.models.resnet import ResNet50`), so using
 one system's networks does not build the others.
