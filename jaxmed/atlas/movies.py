@@ -108,8 +108,9 @@ def write_movie(frames, path: str | os.PathLike, *, fps: float = 12, scale: int 
 
     Frames are enlarged `scale` times (nearest neighbour) and, where a side would be odd,
     extended by one edge pixel, for both formats. The movie is written to a temporary file
-    beside `path` and renamed onto it, so a reader never sees half a movie. A GIF stores
-    identical consecutive frames once, shown for their summed duration.
+    beside `path` (its folder is created if need be) and renamed onto it, so a reader never
+    sees half a movie. A GIF stores identical consecutive frames once, shown for their summed
+    duration.
 
     **Arguments:** `frames` uint8 `[T, H, W, 3]`; `path` ending in `.gif` or `.mp4`; `fps`
     frames per second; `scale` a positive integer.
@@ -130,6 +131,7 @@ def write_movie(frames, path: str | os.PathLike, *, fps: float = 12, scale: int 
     if scale < 1 or not fps > 0:
         raise ValueError(f"{path}: need scale >= 1 and fps > 0, got {scale} and {fps}")
     frames = _enlarge(frames, int(scale))
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=f".{path.name}.",
                                          dir=path.parent)
     os.close(handle)

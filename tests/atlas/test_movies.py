@@ -80,7 +80,7 @@ def test_gif_decodes_to_the_enlarged_frames(tmp_path):
 @pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 def test_mp4_decodes_to_the_enlarged_frames(tmp_path):
     frames = _frames(t=6)
-    path = write_movie(frames, tmp_path / "walk.mp4", fps=12, scale=3)
+    path = write_movie(frames, tmp_path / "movies" / "walk.mp4", fps=12, scale=3)
     movie = iio.imread(path, plugin="FFMPEG", index=None)
     meta = iio.immeta(path, plugin="FFMPEG")
     assert meta["fps"] == 12 and meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")
@@ -91,7 +91,7 @@ def test_mp4_decodes_to_the_enlarged_frames(tmp_path):
     np.testing.assert_allclose(movie[:, 9:15, :21], enlarged[:, 9:15], atol=8)
     np.testing.assert_allclose(movie[:, :6, :21].mean(axis=(1, 2)),
                                enlarged[:, :6].mean(axis=(1, 2)), atol=8)
-    assert sorted(os.listdir(tmp_path)) == ["walk.mp4"]
+    assert os.listdir(tmp_path / "movies") == ["walk.mp4"]  # its folder made, no temporary left
 
 
 def test_write_movie_refuses_other_suffixes_and_bad_frames(tmp_path):
