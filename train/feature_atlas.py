@@ -40,9 +40,11 @@ from jaxmed.atlas.inference import (
     GENERATORS_DIR,
     LIBRARIES_DIR,
     NodeReader,
+    abstract_variables,
     atlas_is_current,
     build_atlas_libraries,
     check_atlas,
+    check_nodes,
     load_classifier,
     read_atlas,
     report_lines,
@@ -59,6 +61,7 @@ from jaxmed.training import (
     fit_options,
     host_share,
     one_line_errors,
+    positive_int,
     prepare_run_config,
     program_main,
     read_run_config,
@@ -91,11 +94,12 @@ def train(args: argparse.Namespace, config: ClassifierConfig) -> dict[str, float
                             augment=config.augment)
 
     # --- classifier ---
+    classifier = build_classifier({**config.to_dict(), "num_classes": len(data.class_names)})
+    check_nodes(classifier, abstract_variables(classifier), options)  # before training
     prepare_run_config(workdir, {**config.to_dict(), "num_classes": len(data.class_names),
                                  "class_names": data.class_names, "best_metric": BEST,
                                  "best_mode": "max"},
                        resumable=config.resumable() | RESUMABLE_OPTIONS)
-    classifier = build_classifier({**config.to_dict(), "num_classes": len(data.class_names)})
     share = host_share(len(held_out))
     validate = validation(classifier, {"image": np.asarray(held_out.images[share])},
                           held_out.labels)
@@ -107,7 +111,7 @@ def train(args: argparse.Namespace, config: ClassifierConfig) -> dict[str, float
 
     # --- the atlas ---
     run_atlas(workdir, classifier, state, data, options, rebuild=False,
-              progress=args.progress)
+              progress=args.progress, log_every=args.log_every)
     return metrics
 
 
@@ -124,7 +128,8 @@ def atlas_options(args: argparse.Namespace, image_size: int) -> AtlasOptions:
 
 
 def run_atlas(workdir: Path, classifier, state, data, options: AtlasOptions, *,
-              rebuild: bool, progress: bool, libraries_stage: bool = True) -> None:
+              rebuild: bool, progress: bool, log_every: int,
+              libraries_stage: bool = True) -> None:
     """The atlas stages on a trained classifier: libraries (unless current, or `rebuild`),
     generators (resumable), the activation check and the outputs."""
     atlas_dir = workdir / ATLAS_DIR
@@ -152,7 +157,7 @@ def run_atlas(workdir: Path, classifier, state, data, options: AtlasOptions, *,
                            critic_steps=generators.config.minibatches)
     result = fit(workdir=str(generator_dir), init_state=generators.init_state,
                  train_step=generators.train_step, train_data=batches,
-                 num_steps=options.generator_steps, log_every=50,
+                 num_steps=options.generator_steps, log_every=log_every,
                  checkpoint_every=max(1, options.generator_steps // 4), keep=2,
                  progress=progress)
     gen_state = jax.device_get(result.state)
@@ -197,6 +202,8 @@ def stage_parser(command: str, description: str, option_groups: tuple[str, ...]
     parser.add_argument("--workdir", required=True, help="the trained run's work directory")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="show progress bars (default: %(default)s)")
+    parser.add_argument("--log-every", type=positive_int, default=50,
+                        help="log the generators' metrics every N steps (default: %(default)s)")
     AtlasOptions.add_options(parser)
     for group in parser._action_groups:  # argparse has no public way to drop a group
         if group.title not in (*option_groups, "options", "optional arguments"):
@@ -229,7 +236,8 @@ def stage_main(argv: list[str], command: str) -> None:
     if command == "generators":
         _restart_generators(workdir / ATLAS_DIR / GENERATORS_DIR, options)
     run_atlas(workdir, classifier, state, data, options, rebuild=command == "libraries",
-              progress=args.progress, libraries_stage=command == "libraries")
+              progress=args.progress, log_every=args.log_every,
+              libraries_stage=command == "libraries")
 
 
 def _restart_generators(generator_dir: Path, options: AtlasOptions) -> None:

@@ -80,7 +80,7 @@ class ClassifierConfig(Config):
     hidden: int = option(16, "units of the fully-connected feature layer 'fc'",
                          type=positive_int)
 
-    learning_rate: float = option(2e-3, "AdamW peak learning rate, cosine decay",
+    learning_rate: float = option(1e-3, "AdamW peak learning rate, cosine decay",
                                   group=OPTIMISER, type=positive)
     weight_decay: float = option(1e-4, "AdamW weight decay", group=OPTIMISER,
                                  type=non_negative)
@@ -120,8 +120,10 @@ class AtlasOptions(Config):
                                  group=NODES, type=positive_int)
 
     method: str = option("grad-cam", "heat-map method", group=LIBRARIES, choices=METHODS)
-    conv_layer: str | None = option(None, "conv layer of Grad-CAM (default: the last one "
-                                    "before the node's layer)", group=LIBRARIES)
+    conv_layer: str | None = option(None, "conv layer of Grad-CAM and CAM (default: for "
+                                    "fully-connected nodes the deepest blockN_conv2 with at "
+                                    "least 8x8 positions, for conv nodes their own layer)",
+                                    group=LIBRARIES)
     window: int = option(16, "side of the square window, and of the library's crops, in "
                          "pixels (smaller than the image)", group=LIBRARIES,
                          type=bounded(int, low=4))
@@ -141,12 +143,12 @@ class AtlasOptions(Config):
                             choices=GENERATOR_KINDS)
     latent_dim: int = option(4, "latent dimensions (sliders of the explorer)",
                              group=GENERATORS, type=positive_int)
-    generator_width: int = option(32, "base width of the generators", group=GENERATORS,
+    generator_width: int = option(16, "base width of the generators", group=GENERATORS,
                                   type=positive_int)
-    generator_steps: int = option(1500, "training steps of the generators (all features "
+    generator_steps: int = option(600, "training steps of the generators (all features "
                                   "together)", group=GENERATORS, type=positive_int,
                                   resumable=True)
-    generator_batch: int = option(32, "crops per feature per step", group=GENERATORS,
+    generator_batch: int = option(16, "crops per feature per step", group=GENERATORS,
                                   type=positive_int)
 
     check_samples: int = option(64, "generated, real and random crops per feature in the "

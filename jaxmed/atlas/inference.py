@@ -40,6 +40,7 @@ GENERATORS_DIR = "generators"
 ATLAS_JSON = "atlas.json"
 CONTEXTS = 8  # images each checked crop is pasted into
 CHUNK = 64  # images per heat-map call
+MIN_CAM_SIDE = 8  # least positions per side of the default Grad-CAM / CAM conv layer
 
 
 def load_classifier(workdir: str | os.PathLike) -> tuple[AtlasClassifier, TrainState, dict]:
@@ -68,18 +69,9 @@ class NodeReader:
         self.thresholds = None if thresholds is None else np.asarray(thresholds, np.float32)
         self.variables = classifier.variables(state)
         pairs = [parse_node(n) for n in self.nodes]
-        example = jnp.zeros((1, classifier.image_size, classifier.image_size, 3), jnp.float32)
         layers = sorted({layer for layer, _ in pairs})
-        try:
-            shapes = jax.eval_shape(functools.partial(layer_outputs, classifier.model,
-                                                      layers=layers), self.variables, example)
-        except ValueError as error:
-            raise InputDataError(f"--layer/--nodes: {error}") from None
-        self.widths = {layer: shapes[layer].shape[-1] for layer in layers}
-        for layer, index in pairs:
-            if not 0 <= index < self.widths[layer]:
-                raise InputDataError(f"--nodes: node {index} of layer {layer!r} does not exist "
-                                     f"(the layer has {self.widths[layer]} nodes)")
+        self.widths = layer_widths(classifier, self.variables, layers)
+        _check_indices(pairs, self.widths)
         self.pairs = pairs
         everything = [(layer, i) for layer in layers for i in range(self.widths[layer])]
         column = {pair: k for k, pair in enumerate(everything)}
@@ -127,17 +119,56 @@ def candidate_nodes(options: AtlasOptions, widths: dict[str, int] | None = None)
     return [node_name(options.layer, i) for i in range(widths[options.layer])]
 
 
-def layer_width(classifier: AtlasClassifier, state: TrainState, layer: str) -> int:
-    """The number of nodes of `layer` (an unknown layer: `InputDataError` listing the
-    layers)."""
-    example = jnp.zeros((1, classifier.image_size, classifier.image_size, 3), jnp.float32)
+def layer_widths(classifier: AtlasClassifier, variables: Any, layers: Sequence[str]
+                 ) -> dict[str, int]:
+    """The number of nodes of each of `layers` (`variables` may be abstract, e.g. of
+    `abstract_variables`; an unknown layer: `InputDataError` listing the layers)."""
+    example = jax.ShapeDtypeStruct((1, classifier.image_size, classifier.image_size, 3),
+                                   jnp.float32)
     try:
         shapes = jax.eval_shape(functools.partial(layer_outputs, classifier.model,
-                                                  layers=[layer]),
-                                classifier.variables(state), example)
+                                                  layers=list(layers)), variables, example)
     except ValueError as error:
-        raise InputDataError(f"--layer: {error}") from None
-    return int(shapes[layer].shape[-1])
+        raise InputDataError(f"--layer/--nodes: {error}") from None
+    return {layer: int(shapes[layer].shape[-1]) for layer in layers}
+
+
+def abstract_variables(classifier: AtlasClassifier) -> Any:
+    """The shapes of the classifier's variables, without initialising them."""
+    example = jnp.zeros((1, classifier.image_size, classifier.image_size, 3), jnp.float32)
+    return jax.eval_shape(classifier.model.init, jax.random.PRNGKey(0), example)
+
+
+def check_nodes(classifier: AtlasClassifier, variables: Any, options: AtlasOptions) -> None:
+    """Raise `InputDataError` when `--layer` or a layer of `--nodes` does not exist, or a node
+    index is not below its layer's width (before anything is trained or written)."""
+    pairs = [parse_node(n) for n in options.nodes]
+    layers = sorted({layer for layer, _ in pairs}) if pairs else [options.layer]
+    widths = layer_widths(classifier, variables, layers)
+    _check_indices(pairs, widths)
+
+
+def _check_indices(pairs: Sequence[tuple[str, int]], widths: dict[str, int]) -> None:
+    for layer, index in pairs:
+        if not 0 <= index < widths[layer]:
+            raise InputDataError(f"--nodes: node {index} of layer {layer!r} does not exist "
+                                 f"(the layer has {widths[layer]} nodes)")
+
+
+def heat_conv_layer(classifier: AtlasClassifier, options: AtlasOptions,
+                    nodes: Sequence[str]) -> str | None:
+    """The conv layer the heat maps are drawn on: `--conv-layer`; by default, for nodes of
+    fully-connected layers only, the deepest block's second conv whose output still has
+    `MIN_CAM_SIDE` positions per side (block4_conv2 at 64 pixels, block5_conv2 at 256), since
+    the last block's 4x4 output at 64 pixels is too coarse for 16-pixel windows (docs/atlas.md);
+    `None` (each conv node on its own layer) when a node is in a conv layer."""
+    if options.conv_layer is not None:
+        return options.conv_layer
+    if any(parse_node(n)[0].startswith("block") for n in nodes):
+        return None
+    sides = [classifier.image_size // 2 ** b for b in range(len(classifier.model.filters))]
+    deepest = max(b for b, side in enumerate(sides) if side >= MIN_CAM_SIDE or b == 0)
+    return f"block{deepest + 1}_conv2"
 
 
 def merge(parts: list[lib.Library], offsets: list[int], limit: int) -> lib.Library:
@@ -164,8 +195,8 @@ def build_atlas_libraries(classifier: AtlasClassifier, state: TrainState, data: 
     **Raises:** `InputDataError` when the layer or a node does not exist, no candidate node is
     activated by any image, or no library has `--min-crops` crops.
     """
-    widths = None if options.nodes else {options.layer: layer_width(classifier, state,
-                                                                    options.layer)}
+    widths = None if options.nodes else layer_widths(classifier, classifier.variables(state),
+                                                     [options.layer])
     nodes = candidate_nodes(options, widths)
     images = np.asarray(data.images[:options.library_images])
     names = data.names[:len(images)]
@@ -181,8 +212,9 @@ def build_atlas_libraries(classifier: AtlasClassifier, state: TrainState, data: 
                              "another --rule or --layer")
 
     pairs = [parse_node(n) for n in nodes]
+    conv_layer = heat_conv_layer(classifier, options, nodes)
     heat_fn = jax.jit(functools.partial(node_heatmaps, classifier.model, nodes=pairs,
-                                        method=options.method, conv_layer=options.conv_layer))
+                                        method=options.method, conv_layer=conv_layer))
     parts, offsets = [], []
     for start in range(0, len(images), CHUNK):
         rows = slice(start, start + CHUNK)
@@ -210,7 +242,7 @@ def build_atlas_libraries(classifier: AtlasClassifier, state: TrainState, data: 
                              "--min-score or --min-crops, or search more --library-images")
     picked = lib.choose_distinct([libraries[k] for k in usable], options.features)
     chosen = [libraries[usable[k]] for k in picked]
-    result = {"libraries": chosen, "candidates": candidates,
+    result = {"libraries": chosen, "candidates": candidates, "conv_layer": conv_layer,
               "overlap": lib.overlap_matrix(chosen), "thresholds": {
                   n: float(t) for n, t in zip(nodes, thresholds)}, "purity": None}
     if data.features is not None:
@@ -237,6 +269,7 @@ def write_atlas(atlas_dir: Path, built: dict[str, Any], options: AtlasOptions,
         "options": options.library_values(),
         "chosen": [lb.node for lb in built["libraries"]],
         "library_sizes": {lb.node: len(lb) for lb in built["libraries"]},
+        "conv_layer": built["conv_layer"],
         "candidates": built["candidates"], "thresholds": built["thresholds"],
         "overlap": np.asarray(built["overlap"]).round(4).tolist(), "purity": built["purity"],
     }
