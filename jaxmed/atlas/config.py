@@ -145,7 +145,7 @@ class AtlasOptions(Config):
                              group=GENERATORS, type=positive_int)
     generator_width: int = option(16, "base width of the generators", group=GENERATORS,
                                   type=positive_int)
-    generator_steps: int = option(600, "training steps of the generators (all features "
+    generator_steps: int = option(900, "training steps of the generators (all features "
                                   "together)", group=GENERATORS, type=positive_int,
                                   resumable=True)
     generator_batch: int = option(16, "crops per feature per step", group=GENERATORS,

@@ -157,13 +157,14 @@ def _check_indices(pairs: Sequence[tuple[str, int]], widths: dict[str, int]) -> 
 
 def heat_conv_layer(classifier: AtlasClassifier, options: AtlasOptions,
                     nodes: Sequence[str]) -> str | None:
-    """The conv layer the heat maps are drawn on: `--conv-layer`; by default, for nodes of
-    fully-connected layers only, the deepest block's second conv whose output still has
-    `MIN_CAM_SIDE` positions per side (block4_conv2 at 64 pixels, block5_conv2 at 256), since
-    the last block's 4x4 output at 64 pixels is too coarse for 16-pixel windows (docs/atlas.md);
-    `None` (each conv node on its own layer) when a node is in a conv layer."""
-    if options.conv_layer is not None:
-        return options.conv_layer
+    """The conv layer the heat maps are drawn on: `--conv-layer`; by default, for Grad-CAM and
+    guided Grad-CAM of nodes of fully-connected layers only, the deepest block's second conv
+    whose output still has `MIN_CAM_SIDE` positions per side (block4_conv2 at 64 pixels,
+    block5_conv2 at 256), since the last block's 4x4 output at 64 pixels is too coarse for
+    16-pixel windows (docs/atlas.md); else `None`, `node_heatmaps`' default (a conv node's own
+    layer; for CAM the conv output the Dense node reads)."""
+    if options.conv_layer is not None or options.method not in ("grad-cam", "guided-grad-cam"):
+        return options.conv_layer  # CAM: the default, the layer the Dense node reads
     if any(parse_node(n)[0].startswith("block") for n in nodes):
         return None
     sides = [classifier.image_size // 2 ** b for b in range(len(classifier.model.filters))]

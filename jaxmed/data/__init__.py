@@ -10,4 +10,6 @@
 - `slide`, `slide_writer`: whole-slide images, read lazily a tile at a time (`open_slide`,
   OpenSlide's interface) and written as tiled pyramidal TIFF; `synthetic_slide`, `annotations`:
   procedural H&E slides with known stains and QuPath GeoJSON regions (`docs/pathology.md`).
+- `synthetic_lesions`: lesion images whose classes are made of known local features, with a
+  mask per feature and lesion-free backgrounds, for the feature atlas (`docs/atlas.md`).
 """
