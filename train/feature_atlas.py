@@ -34,7 +34,7 @@ from jaxmed.atlas.config import (
 )
 from jaxmed.atlas.data import load_data, split_data, train_batches
 from jaxmed.atlas.figures import node_sheet
-from jaxmed.atlas.generators import GeneratorConfig, NodeGenerators, crop_batches
+from jaxmed.atlas.generators import crop_batches
 from jaxmed.atlas.inference import (
     ATLAS_DIR,
     GENERATORS_DIR,
@@ -46,13 +46,14 @@ from jaxmed.atlas.inference import (
     check_atlas,
     check_nodes,
     load_classifier,
+    node_generators,
     read_atlas,
     report_lines,
-    safe_name,
+    run_seed,
     write_atlas,
     write_report,
 )
-from jaxmed.atlas.movies import latent_walk, render_walk, write_movie
+from jaxmed.atlas.movies import MOVIE_SUFFIXES, latent_walk, render_walk, write_movie
 from jaxmed.atlas.steps import build_classifier, validation
 from jaxmed.training import (
     RESUMABLE_OPTIONS,
@@ -64,7 +65,6 @@ from jaxmed.training import (
     positive_int,
     prepare_run_config,
     program_main,
-    read_run_config,
 )
 
 BEST = "val_accuracy"
@@ -133,7 +133,7 @@ def run_atlas(workdir: Path, classifier, state, data, options: AtlasOptions, *,
     """The atlas stages on a trained classifier: libraries (unless current, or `rebuild`),
     generators (resumable), the activation check and the outputs."""
     atlas_dir = workdir / ATLAS_DIR
-    step = int(state.step)
+    step, seed = int(state.step), run_seed(workdir)
     if libraries_stage and (rebuild or not atlas_is_current(atlas_dir, options, step)):
         if jax.process_index() == 0:
             built = build_atlas_libraries(classifier, state, data, options, progress=progress)
@@ -145,15 +145,13 @@ def run_atlas(workdir: Path, classifier, state, data, options: AtlasOptions, *,
           f"{', '.join(nodes)}")
 
     # --- generators --- (all chosen nodes in one run: atlas/generators)
-    generators = NodeGenerators(
-        GeneratorConfig(kind=options.generator, latent_dim=options.latent_dim,
-                        crop_size=libraries[0].crops.shape[1], width=options.generator_width,
-                        seed=data_seed(workdir)), num_nodes=len(libraries))
+    generators = node_generators(options.generator_values(), libraries[0].crops.shape[1],
+                                 len(libraries), seed)
     generator_dir = atlas_dir / GENERATORS_DIR
     prepare_run_config(generator_dir, {**options.generator_values(), "nodes": nodes},
                        resumable={"generator_steps"})
     batches = crop_batches([lb.crops for lb in libraries], options.generator_batch,
-                           seed=data_seed(workdir),
+                           seed=seed,
                            critic_steps=generators.config.minibatches)
     result = fit(workdir=str(generator_dir), init_state=generators.init_state,
                  train_step=generators.train_step, train_data=batches,
@@ -167,21 +165,21 @@ def run_atlas(workdir: Path, classifier, state, data, options: AtlasOptions, *,
         return
     thresholds = np.array([summary["thresholds"][n] for n in nodes], np.float32)
     reader = NodeReader(classifier, state, nodes, summary["options"]["rule"], thresholds)
-    key = jax.random.PRNGKey(data_seed(workdir) + 1)
+    key = jax.random.PRNGKey(seed + 1)
     generated = np.asarray(generators.generate(
         gen_state, generators.sample_latents(key, options.check_samples)))
     checks = check_atlas(reader, libraries, generated, data, count=options.check_samples,
-                         seed=data_seed(workdir))
+                         seed=seed)
     rows = write_report(atlas_dir, checks, summary)
     for column, library in enumerate(libraries):
-        node_sheet(library, generated[column], rows[column],
-                   atlas_dir / "sheets" / f"{safe_name(library.node)}.png")
+        name = lib.node_folder(library.node)
+        node_sheet(library, generated[column], rows[column], atlas_dir / "sheets" / f"{name}.png")
         if options.movie_frames:
             walk = latent_walk(jax.random.fold_in(key, column), options.movie_frames,
                                options.latent_dim, step=options.walk_step)
             frames = render_walk(generators, gen_state, column, walk)
-            for suffix in (".gif", ".mp4"):
-                write_movie(frames, atlas_dir / "movies" / f"{safe_name(library.node)}{suffix}")
+            for suffix in MOVIE_SUFFIXES:
+                write_movie(frames, atlas_dir / "movies" / f"{name}{suffix}")
     print("\n".join(report_lines(rows)))
     overlap = np.asarray(summary["overlap"])
     off = overlap[~np.eye(len(overlap), dtype=bool)]
@@ -189,10 +187,6 @@ def run_atlas(workdir: Path, classifier, state, data, options: AtlasOptions, *,
         print(f"overlap between the chosen libraries: mean {100 * off.mean():.1f} %, "
               f"max {100 * off.max():.1f} %")
     print(f"atlas written to {atlas_dir}")
-
-
-def data_seed(workdir: Path) -> int:
-    return int(read_run_config(workdir, PROGRAM).get("seed", 0))
 
 
 def stage_parser(command: str, description: str, option_groups: tuple[str, ...]

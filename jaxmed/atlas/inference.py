@@ -13,6 +13,7 @@ is complete, so a failed or interrupted stage leaves the previous atlas as it wa
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import os
@@ -29,10 +30,11 @@ from jaxmed.atlas import library as lib
 from jaxmed.atlas.check import KINDS, NodeCheck, check_node, contexts, random_crops
 from jaxmed.atlas.config import PROGRAM, AtlasOptions, node_name, parse_node
 from jaxmed.atlas.data import AtlasData, backgrounds
+from jaxmed.atlas.generators import GeneratorConfig, NodeGenerators
 from jaxmed.atlas.steps import AtlasClassifier, build_classifier
 from jaxmed.errors import InputDataError
 from jaxmed.explain import layer_outputs, node_heatmaps, node_values
-from jaxmed.training import TrainState, load_run
+from jaxmed.training import TrainState, load_run, read_run_config, restore_trained
 
 ATLAS_DIR = "atlas"
 LIBRARIES_DIR = "libraries"
@@ -47,11 +49,6 @@ def load_classifier(workdir: str | os.PathLike) -> tuple[AtlasClassifier, TrainS
     """The trained classifier of a run (its best checkpoint), its state and `config.json`."""
     run = load_run(workdir, build_classifier, program=PROGRAM)
     return run.system, run.state, run.config
-
-
-def safe_name(node: str) -> str:
-    """A node's name as a file name: `'fc:7'` -> `'fc_7'`."""
-    return node.replace(":", "_").replace("/", "-")
 
 
 class NodeReader:
@@ -364,3 +361,81 @@ def report_lines(rows: Sequence[dict]) -> list[str]:
                      f"{rates} (median real {100 * row['real_median_rate']:.0f} %) "
                      f"{'ok' if row['passes'] else 'BELOW the median real crop'}")
     return lines
+
+
+def node_generators(values: dict[str, Any], crop_size: int, num_nodes: int, seed: int
+                    ) -> NodeGenerators:
+    """The chosen nodes' generators of `AtlasOptions.generator_values()` (or a generators
+    run's `config.json`)."""
+    return NodeGenerators(
+        GeneratorConfig(kind=values["generator"], latent_dim=values["latent_dim"],
+                        crop_size=crop_size, width=values["generator_width"], seed=seed),
+        num_nodes=num_nodes)
+
+
+def run_seed(workdir: str | os.PathLike) -> int:
+    """The seed of a run's classifier (`config.json`), from which the atlas draws too."""
+    return int(read_run_config(workdir, PROGRAM).get("seed", 0))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainedAtlas:
+    """A run's finished atlas and what reads it (`load_atlas`): the classifier and its state,
+    `atlas.json` (`summary`), the report rows, the chosen nodes' libraries, their generators
+    and trained state, and a `NodeReader` of the chosen nodes with the atlas's rule."""
+
+    workdir: Path
+    classifier: AtlasClassifier
+    state: TrainState
+    summary: dict[str, Any]
+    report: list[dict]
+    libraries: list[lib.Library]
+    generators: NodeGenerators
+    generator_state: TrainState
+    reader: NodeReader
+    seed: int
+
+    @property
+    def atlas_dir(self) -> Path:
+        return self.workdir / ATLAS_DIR
+
+    @property
+    def nodes(self) -> list[str]:
+        return [library.node for library in self.libraries]
+
+    def column(self, node: str) -> int:
+        """The index of a chosen node (`InputDataError` for another node)."""
+        if node not in self.nodes:
+            raise InputDataError(f"node {node!r} is not a feature of this atlas (its features: "
+                                 f"{', '.join(self.nodes)})")
+        return self.nodes.index(node)
+
+
+def load_atlas(workdir: str | os.PathLike) -> TrainedAtlas:
+    """The finished atlas of a run: trained classifier, libraries, generators (their latest
+    checkpoint) and report.
+
+    **Raises:** `InputDataError` naming what is missing (no run, no atlas, no generators).
+    """
+    workdir = Path(workdir)
+    classifier, state, _ = load_classifier(workdir)
+    atlas_dir = workdir / ATLAS_DIR
+    summary = read_atlas(atlas_dir)
+    libraries = lib.read_libraries(atlas_dir / LIBRARIES_DIR)
+    generator_dir = atlas_dir / GENERATORS_DIR
+    try:
+        values = json.loads((generator_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise InputDataError(f"{generator_dir}: no generators; train them with {PROGRAM} "
+                             f"generators --workdir {workdir}") from None
+    seed = run_seed(workdir)
+    generators = node_generators(values, libraries[0].crops.shape[1], len(libraries), seed)
+    generator_state = restore_trained(generator_dir, generators.init_state, which="latest")
+    report_path = atlas_dir / "report.json"
+    report = json.loads(report_path.read_text())["nodes"] if report_path.is_file() else []
+    nodes = [library.node for library in libraries]
+    thresholds = np.array([summary["thresholds"][n] for n in nodes], np.float32)
+    reader = NodeReader(classifier, state, nodes, summary["options"]["rule"], thresholds)
+    return TrainedAtlas(workdir=workdir, classifier=classifier, state=state, summary=summary,
+                        report=report, libraries=libraries, generators=generators,
+                        generator_state=generator_state, reader=reader, seed=seed)

@@ -383,8 +383,8 @@ def overlay(crop: np.ndarray, heat: np.ndarray, opacity: float = 0.5) -> np.ndar
 # ----------------------------------------------------------------------------
 
 
-def _folder_name(node: str) -> str:
-    """A file-system-safe folder name for a node: `'fc:7'` -> `'fc_7'`."""
+def node_folder(node: str) -> str:
+    """A node's name as a file or folder name: `'fc:7'` -> `'fc_7'`."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", node).strip(".") or "node"
 
 
@@ -409,7 +409,7 @@ def write_libraries(libraries: Sequence[Library], folder: str | os.PathLike) -> 
     deleted).
     """
     folder = Path(folder)
-    subfolders = [_folder_name(library.node) for library in libraries]
+    subfolders = [node_folder(library.node) for library in libraries]
     for i, name in enumerate(subfolders):
         if name in subfolders[:i]:
             other = libraries[subfolders.index(name)].node
