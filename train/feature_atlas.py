@@ -8,6 +8,8 @@ node, and writes the atlas: libraries, sheets, movies of latent random walks, a 
     python -m train.feature_atlas --data-dir DIR --image-size 256 --workdir RUN
     python -m train.feature_atlas libraries --workdir RUN --nodes fc:3,block5_conv2:7
     python -m train.feature_atlas generators --workdir RUN --generator vae
+    python -m train.feature_atlas serve --workdir RUN [--port 8000]   # the explorer page
+    python -m train.feature_atlas movie --workdir RUN --node fc:7 --output walk.mp4
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from jaxmed.atlas.inference import (
     NodeReader,
     abstract_variables,
     atlas_is_current,
+    atlas_movie,
     build_atlas_libraries,
     check_atlas,
     check_nodes,
+    load_atlas,
     load_classifier,
     node_generators,
     read_atlas,
@@ -58,6 +62,7 @@ from jaxmed.atlas.steps import build_classifier, validation
 from jaxmed.training import (
     RESUMABLE_OPTIONS,
     add_training_args,
+    bounded,
     fit,
     fit_options,
     host_share,
@@ -65,6 +70,7 @@ from jaxmed.training import (
     positive_int,
     prepare_run_config,
     program_main,
+    read_run_config,
 )
 
 BEST = "val_accuracy"
@@ -75,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Re-run the atlas on a trained classifier: python -m train.feature_atlas "
                "libraries --help (nodes and libraries, then generators) or generators --help "
-               "(generators only)")
+               "(generators only); explore the atlas: serve --help; one feature's movie: "
+               "movie --help")
     ClassifierConfig.add_options(parser)
     AtlasOptions.add_options(parser)
     add_training_args(parser, workdir="runs/feature_atlas", steps=1200, batch_size=64,
@@ -246,10 +253,87 @@ def _restart_generators(generator_dir: Path, options: AtlasOptions) -> None:
         shutil.rmtree(generator_dir)
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    parser = one_line_errors(argparse.ArgumentParser(
+        prog=f"{PROGRAM} serve", description="Serve the explorer of a run's atlas, a local web "
+        "page: the features' cards, a generated crop per feature with one slider per latent "
+        "dimension (and the node's activation for it), random walks and movies, the "
+        "libraries. Ctrl-C stops it."))
+    parser.add_argument("--workdir", required=True, help="the run's work directory")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s, this machine only; "
+                             "0.0.0.0 serves every network the machine is on)")
+    parser.add_argument("--port", type=bounded(int, low=0, high=65535), default=8000,
+                        help="port (default: %(default)s; 0: any free port)")
+    parser.add_argument("--bound", type=bounded(float, low=0.0, low_open=True), default=3.0,
+                        help="the sliders' range: ± this many prior standard deviations "
+                             "(default: %(default)s)")
+    return parser
+
+
+def serve_main(argv: list[str]) -> None:
+    import socket
+
+    import uvicorn
+
+    from jaxmed.atlas.explorer import Explorer, explorer_app, warm_up
+
+    args = serve_parser().parse_args(argv)
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    try:  # refuse a busy port before the slow start, with the option to change
+        listener.bind((args.host, args.port))
+    except OSError as error:
+        print(f"{PROGRAM} serve: error: argument --port: cannot listen on {args.host}:"
+              f"{args.port} ({error.strerror})", file=sys.stderr)
+        sys.exit(2)
+    atlas = load_atlas(args.workdir)
+    config = read_run_config(args.workdir, PROGRAM)
+    explorer = Explorer(atlas, load_data(ClassifierConfig.from_dict(config)), bound=args.bound)
+    seconds = warm_up(explorer)
+    host, port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving the atlas of {args.workdir} ({len(atlas.nodes)} features; ready in "
+          f"{seconds:.1f} s) at http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(explorer_app(explorer), log_level="warning"))
+    listener.listen(128)
+    server.run(sockets=[listener])
+    print("explorer stopped")
+
+
+def movie_parser() -> argparse.ArgumentParser:
+    parser = one_line_errors(argparse.ArgumentParser(
+        prog=f"{PROGRAM} movie", description="Write the movie of a random walk through one "
+        "feature's latent space (GIF or MP4, by the output's suffix)."))
+    parser.add_argument("--workdir", required=True, help="the run's work directory")
+    parser.add_argument("--node", required=True, help="a feature of the atlas, e.g. fc:7")
+    parser.add_argument("--output", required=True, help="the movie file, .gif or .mp4")
+    parser.add_argument("--frames", type=bounded(int, low=2), default=72,
+                        help="frames (default: %(default)s)")
+    parser.add_argument("--step", type=bounded(float, low=0.0, low_open=True), default=0.15,
+                        help="one frame's step, in prior standard deviations (default: "
+                             "%(default)s)")
+    parser.add_argument("--fps", type=bounded(float, low=0.5, high=60.0), default=12.0,
+                        help="frames per second (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the walk (default: 0)")
+    return parser
+
+
+def movie_main(argv: list[str]) -> None:
+    args = movie_parser().parse_args(argv)
+    if Path(args.output).suffix not in MOVIE_SUFFIXES:
+        movie_parser().error(f"argument --output: {args.output} must end in "
+                             f"{' or '.join(MOVIE_SUFFIXES)}")
+    atlas = load_atlas(args.workdir)
+    path = atlas_movie(atlas, args.node, args.output, frames=args.frames, step=args.step,
+                       seed=args.seed, fps=args.fps)
+    print(f"{args.frames} frames of {args.node} written to {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     program_main(argv, build_parser=build_parser, train=train, config=ClassifierConfig,
                  commands={"libraries": lambda a: stage_main(a, "libraries"),
-                           "generators": lambda a: stage_main(a, "generators")})
+                           "generators": lambda a: stage_main(a, "generators"),
+                           "serve": serve_main, "movie": movie_main})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from jaxmed.atlas.check import KINDS, NodeCheck, check_node, contexts, random_cr
 from jaxmed.atlas.config import PROGRAM, AtlasOptions, node_name, parse_node
 from jaxmed.atlas.data import AtlasData, backgrounds
 from jaxmed.atlas.generators import GeneratorConfig, NodeGenerators
+from jaxmed.atlas.movies import latent_walk, write_movie
 from jaxmed.atlas.steps import AtlasClassifier, build_classifier
 from jaxmed.errors import InputDataError
 from jaxmed.explain import layer_outputs, node_heatmaps, node_values
@@ -439,3 +440,23 @@ def load_atlas(workdir: str | os.PathLike) -> TrainedAtlas:
     return TrainedAtlas(workdir=workdir, classifier=classifier, state=state, summary=summary,
                         report=report, libraries=libraries, generators=generators,
                         generator_state=generator_state, reader=reader, seed=seed)
+
+
+def atlas_walk(atlas: TrainedAtlas, node: str, frames: int, *, step: float, seed: int,
+               bound: float = 3.0) -> np.ndarray:
+    """`[frames, latent_dim]` latents of a smooth random walk for `node` (`latent_walk`, key
+    `fold_in(PRNGKey(seed), column)`), inside `± bound`."""
+    column = atlas.column(node)
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), column)
+    return np.asarray(latent_walk(key, frames, atlas.generators.config.latent_dim, step=step,
+                                  bound=bound))
+
+
+def atlas_movie(atlas: TrainedAtlas, node: str, path: str | os.PathLike, *, frames: int,
+                step: float, seed: int, fps: float = 12.0, bound: float = 3.0) -> Path:
+    """Write the movie (GIF or MP4, by `path`'s suffix) of a random walk through `node`'s
+    generator; its path."""
+    walk = atlas_walk(atlas, node, frames, step=step, seed=seed, bound=bound)
+    crops = atlas.generators.generate_node(atlas.generator_state, atlas.column(node),
+                                           jnp.asarray(walk))
+    return write_movie(np.asarray(crops), path, fps=fps)

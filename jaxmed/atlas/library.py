@@ -388,6 +388,13 @@ def node_folder(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", node).strip(".") or "node"
 
 
+def crop_file(node: str, k: int, kind: str = "crop") -> str:
+    """The file of crop `k` of `node`'s library, relative to the libraries folder: the crop
+    (`kind='crop'`) or the crop with its heat overlaid (`'heat'`)."""
+    suffix = {"crop": "", "heat": "_heat"}[kind]
+    return f"{node_folder(node)}/{k}{suffix}.png"
+
+
 def write_libraries(libraries: Sequence[Library], folder: str | os.PathLike) -> Path:
     """Write the libraries as PNG files and one index, replacing what `folder` held.
 
@@ -449,10 +456,11 @@ def _write_library(library: Library, root: Path, name: str) -> list[list]:
     rows = []
     heat_levels = np.round(np.clip(library.heat, 0.0, 1.0) * _HEAT_LEVELS).astype(np.uint16)
     for k in range(len(library)):
-        write_image(root / name / f"{k}.png", library.crops[k])
-        write_image(root / name / f"{k}_heat.png", overlay(library.crops[k], library.heat[k]))
+        write_image(root / crop_file(library.node, k), library.crops[k])
+        write_image(root / crop_file(library.node, k, "heat"),
+                    overlay(library.crops[k], library.heat[k]))
         write_image(root / name / f"{k}_heatmap.png", heat_levels[k])
-        rows.append([library.node, f"{name}/{k}.png", int(library.source[k]),
+        rows.append([library.node, crop_file(library.node, k), int(library.source[k]),
                      library.source_name[k], int(library.y0[k]), int(library.x0[k]),
                      int(library.size[k]), repr(float(library.score[k])),
                      repr(float(library.activation[k]))])
