@@ -290,13 +290,16 @@ def serve_main(argv: list[str]) -> None:
     config = read_run_config(args.workdir, PROGRAM)
     explorer = Explorer(atlas, load_data(ClassifierConfig.from_dict(config)), bound=args.bound)
     seconds = warm_up(explorer)
+    server = uvicorn.Server(uvicorn.Config(explorer_app(explorer), log_level="warning"))
+    listener.listen(128)  # connections wait in the queue until the server accepts them
     host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving the atlas of {args.workdir} ({len(atlas.nodes)} features; ready in "
           f"{seconds:.1f} s) at http://{shown}:{port}/  (Ctrl-C stops)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(explorer_app(explorer), log_level="warning"))
-    listener.listen(128)
-    server.run(sockets=[listener])
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn shuts down, then raises the signal again
+        pass
     print("explorer stopped")
 
 

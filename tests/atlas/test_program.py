@@ -13,13 +13,13 @@ tests/programs.py).
 import csv
 import json
 import shutil
-import sys
 
 import imageio.v3 as iio
 import numpy as np
 import pytest
 
 from jaxmed.atlas.library import read_libraries
+from tests.atlas.runs import GENERATOR_STEPS, STEPS, stage, train_command
 from tests.programs import (
     PNG_MAGIC,
     Job,
@@ -29,27 +29,9 @@ from tests.programs import (
     metrics_rows,
     once,
     program_env,
-    session_folder,
     snapshot,
 )
 from train import feature_atlas
-
-TINY = ["--synthetic-images", "120", "--image-size", "32", "--filters", "4,8,8", "--hidden", "6",
-        "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "3",
-        "--library-images", "60", "--window", "8", "--min-crops", "2", "--features", "3",
-        "--generator-width", "4", "--generator-batch", "4", "--check-samples", "4",
-        "--movie-frames", "5", "--no-progress"]
-STEPS, GENERATOR_STEPS = 6, 4
-
-
-def _train(workdir, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train.feature_atlas", "--workdir", str(workdir), *TINY,
-            "--steps", str(STEPS), "--generator-steps", str(GENERATOR_STEPS), *extra]
-
-
-def _stage(command: str, workdir, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "train.feature_atlas", command, "--workdir", str(workdir),
-            "--no-progress", "--log-every", "1", *extra]
 
 
 def _atlas(workdir) -> dict:
@@ -62,32 +44,6 @@ def _report(workdir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory):
-    return session_folder(tmp_path_factory, "atlas_program")
-
-
-@pytest.fixture(scope="module")
-def trainings(tmp):
-    """Phase 1: the run, and runs refused before training (a window as large as the images,
-    an unknown layer, a node past its layer's width)."""
-    cache = tmp / "jax_cache"
-    commands = {"run": _train(tmp / "run"),
-                "big_window": _train(tmp / "big_window", "--window", "32"),
-                "unknown_layer": _train(tmp / "unknown_layer", "--layer", "block9_conv1"),
-                "no_such_node": _train(tmp / "no_such_node", "--nodes", "fc:2,fc:6")}
-    jobs = {name: Job(tmp, name) for name in commands}
-
-    def launch():
-        for name, args in commands.items():
-            jobs[name].start(args, program_env(cache))
-
-    once(tmp, "phase1", launch)
-    yield jobs
-    for job in jobs.values():
-        job.finish()
-
-
-@pytest.fixture(scope="module")
 def followups(tmp, trainings):
     """Phase 2, each on its own copy of the run: resume with more generator steps, the
     libraries stage with nodes of two layers, the generators stage with a VAE; on the run
@@ -95,19 +51,19 @@ def followups(tmp, trainings):
     cache = tmp / "jax_cache"
     copies = ("resumed", "relayered", "revae")
     commands = {
-        "resume": _train(tmp / "resumed", "--generator-steps", str(GENERATOR_STEPS + 2)),
-        "libraries": _stage("libraries", tmp / "relayered", "--nodes",
+        "resume": train_command(tmp / "resumed", "--generator-steps", str(GENERATOR_STEPS + 2)),
+        "libraries": stage("libraries", tmp / "relayered", "--nodes",
                             "block3_conv2:1,block3_conv2:5,fc:0,fc:3", "--min-crops", "1",
                             "--features", "2", "--generator-steps", "3"),
-        "generators": _stage("generators", tmp / "revae", "--generator", "vae",
+        "generators": stage("generators", tmp / "revae", "--generator", "vae",
                              "--generator-steps", "3", "--generator-batch", "4",
                              "--generator-width", "4", "--check-samples", "4",
                              "--movie-frames", "0"),
-        "stage_unknown_layer": _stage("libraries", tmp / "run", "--layer", "nope"),
-        "stage_big_window": _stage("libraries", tmp / "run", "--window", "40"),
-        "stage_too_few_crops": _stage("libraries", tmp / "run", "--min-crops", "100000",
+        "stage_unknown_layer": stage("libraries", tmp / "run", "--layer", "nope"),
+        "stage_big_window": stage("libraries", tmp / "run", "--window", "40"),
+        "stage_too_few_crops": stage("libraries", tmp / "run", "--min-crops", "100000",
                                       "--max-crops", "100000"),
-        "stage_no_run": _stage("generators", tmp / "nowhere"),
+        "stage_no_run": stage("generators", tmp / "nowhere"),
     }
     jobs = {name: Job(tmp, name) for name in commands}
 
