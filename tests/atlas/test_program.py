@@ -28,7 +28,9 @@ from tests.programs import (
     failure_message,
     metrics_rows,
     once,
+    parser_options,
     program_env,
+    readme_text,
     snapshot,
 )
 from train import feature_atlas
@@ -199,13 +201,21 @@ def test_stage_window_not_smaller_than_the_images(tmp, trainings, followups):
                        "--window: 40 pixels is not smaller than the images (32 pixels)")
 
 
-@pytest.mark.parametrize("command", [None, "libraries", "generators"])
+@pytest.mark.parametrize("command", [None, "libraries", "generators", "serve", "movie"])
 def test_help_lists_every_option(command):
+    section = None
     if command is None:
         parser, section = feature_atlas.build_parser(), "Feature atlas"
+    elif command == "serve":
+        parser = feature_atlas.serve_parser()
+    elif command == "movie":
+        parser = feature_atlas.movie_parser()
     else:
         groups = ((feature_atlas.NODES, feature_atlas.LIBRARIES, feature_atlas.GENERATORS,
                    feature_atlas.CHECK) if command == "libraries"
                   else (feature_atlas.GENERATORS, feature_atlas.CHECK))
-        parser, section = feature_atlas.stage_parser(command, "", groups), None
+        parser = feature_atlas.stage_parser(command, "", groups)
     assert_help_lists("train.feature_atlas", parser, command, readme_section=section)
+    if command in ("serve", "movie"):  # the README's section describes these commands too
+        text = readme_text("Feature atlas")
+        assert all(option in text for option in parser_options(parser)), command
