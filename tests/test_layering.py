@@ -22,6 +22,7 @@ ALLOWED = {
     "training": {"errors"},
     "plotting": set(),
     "errors": set(),
+    "weights": {"errors"},
 }
 
 

@@ -2,6 +2,7 @@
 
     image [B, H, W, 3]
       -> stem: conv 3x3/2 -> BN -> ReLU -> conv 3x3 -> BN -> ReLU       [B, H/2, W/2, 2w]
+         (or ResNet's conv 7x7/2 -> BN -> ReLU, `stem="7x7"`)            [B, H/2, W/2, w]
       -> max-pool 3x3/2                                                  [B, H/4, W/4, 2w]
       -> CBAM (cbam_stem)
       -> ResNet layers 1-4 (layer 4, and at output stride 8 layer 3, dilated instead of strided)
@@ -43,7 +44,9 @@ from jaxmed.models.resnet import (
 
 Array = jax.Array
 
-__all__ = ["SegmentationHead", "SegmentationNet"]
+__all__ = ["STEMS", "SegmentationHead", "SegmentationNet"]
+
+STEMS = ("3x3", "7x7")
 
 # Flax's convolution with the ResNet initialisation, not `jaxmed.layers.Conv` (ResNet's
 # default): on CPU the two round 3-D convolutions differently, and this network keeps the
@@ -122,6 +125,9 @@ class SegmentationNet(nn.Module):
     `dilation_schedule`. The stem has two convolutions as the original design has (PSPNet's
     deep stem has three), so layer 1 sees `2w` channels, not torchvision's `w`: its first
     block's 1x1 conv and projection are that much larger than in torchvision's ResNet-50.
+    `stem="7x7"` puts ResNet's own stem there instead (`conv_stem`, `norm_stem`, as in
+    `ResNet`): the backbone is then torchvision's ResNet array for array, so its ImageNet
+    weights load (`jaxmed.weights`).
 
     The outputs of the stem, the max-pool and layers 1-4 are sown into the `'intermediates'`
     collection as `stem_features`, `pool_features`, `layer1_features` ... `layer4_features`
@@ -136,6 +142,8 @@ class SegmentationNet(nn.Module):
     - `width`: base width `w` (64 in the original design); scales the stem, layers and heads.
     - `output_stride`: 16 (default, the original design), 8 (PSPNet, ~4x the compute of layers
       3-4) or 32.
+    - `stem`: `"3x3"` (the original design's two convolutions, to `2w` channels) or `"7x7"`
+      (ResNet's conv 7x7/2, to `w` channels).
     - `use_cbam`: the two CBAM modules (ablation: without them the stem and layer 4 feed the
       next stage directly).
     - `use_ppm`: pyramid pooling (ablation: without it the head takes layer 4's features).
@@ -159,6 +167,7 @@ class SegmentationNet(nn.Module):
     depth: int = 50
     width: int = 64
     output_stride: int = 16
+    stem: str = "3x3"
     use_cbam: bool = True
     use_ppm: bool = True
     aux_head: bool = False
@@ -175,6 +184,8 @@ class SegmentationNet(nn.Module):
             raise ValueError(f"width and num_classes must be >= 1, got {self.width} and "
                              f"{self.num_classes}")
         dilation_schedule(self.output_stride)  # validates output_stride
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
 
     def _cbam(self, x: Array, train: bool, name: str) -> Array:
         if not self.use_cbam:
@@ -192,7 +203,11 @@ class SegmentationNet(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block, blocks = RESNET_DEPTHS[self.depth]
 
-        h = _Stem(self.width, **kw, name="stem")(x, train=train)  # h: [B, *S/2, 2w]
+        if self.stem == "7x7":
+            h = nn.relu(conv_norm(x, self.width, 7, strides=2, suffix="_stem", train=train,
+                                  **kw, **_LAYERS))  # h: [B, *S/2, w]
+        else:
+            h = _Stem(self.width, **kw, name="stem")(x, train=train)  # h: [B, *S/2, 2w]
         self.sow("intermediates", "stem_features", h)
         h = nn.max_pool(h, (3,) * nsp, strides=(2,) * nsp,
                         padding=((1, 1),) * nsp)  # h: [B, *S/4, 2w]
