@@ -246,3 +246,22 @@ def test_attention_resnet18_and_segmentation_take_the_resnet(tmp_path):
     stem = _torch_run(lambda x: torch.relu(torch_net.bn1(torch_net.conv1(x))), images)
     assert _relative(inter["intermediates"]["stem_features"][0], stem) <= TOLERANCE
     assert inter["intermediates"]["layer4_features"][0].shape == theirs.shape
+
+
+def test_converter_round_trip_and_refusals(tmp_path):
+    from jaxmed.errors import InputDataError
+    from jaxmed.weights import convert, read_state_dict
+
+    torch_net = _randomise(_ResNet(_Basic, (1, 1, 1, 1), num_classes=4), seed=5)
+    source = tmp_path / "resnet.pth"
+    torch.save(torch_net.state_dict(), source)
+    assert convert(source, tmp_path / "resnet.safetensors") == len(torch_net.state_dict())
+    read = read_state_dict(tmp_path / "resnet.safetensors")
+    for key, tensor in torch_net.state_dict().items():
+        np.testing.assert_array_equal(read[key], tensor.numpy())
+
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"net": _Basic(4, 4, 1)}, unsafe)  # a pickled module: weights_only refuses it
+    with pytest.raises(InputDataError, match="weights_only=True"):
+        convert(unsafe, tmp_path / "unsafe.safetensors")
+    assert not (tmp_path / "unsafe.safetensors").exists()
