@@ -6,6 +6,8 @@ kidney-ultrasound phantoms: outside the kidney (0), hydronephrosis fluid (1), ki
     python -m train.segment --images IMGS --masks MASKS --workdir RUN
     python -m train.segment --depth 50 --width 64 --output-stride 16 --image-size 473
                                                        # the network of the original design
+    python -m train.segment --pretrained resnet50.safetensors --stem 7x7 --depth 50 --width 64
+                                                       # ResNet-50 from ImageNet weights
     python -m train.segment predict --workdir RUN --input a.png b.png --output OUT
 """
 
@@ -20,7 +22,7 @@ from jaxmed.segmentation.config import SegmentationConfig
 from jaxmed.segmentation.data import augmentation, read_rows, split_sources
 from jaxmed.segmentation.figures import validation_figure
 from jaxmed.segmentation.inference import PROGRAM, predict_files
-from jaxmed.segmentation.steps import build_segmenter, validation
+from jaxmed.segmentation.steps import build_segmenter, initial_state, validation
 from jaxmed.training import (
     RESUMABLE_OPTIONS,
     add_training_args,
@@ -60,16 +62,17 @@ def train(args: argparse.Namespace, config: SegmentationConfig) -> dict[str, flo
     batches = make_batches(train_examples, args.batch_size, seed=config.seed,
                            transform=augmentation(config.augment))
 
-    # --- model ---
+    # --- model --- (a bad --pretrained file fails before config.json is written)
+    segmenter = build_segmenter(config)
+    start = initial_state(segmenter, config.pretrained)
     prepare_run_config(workdir, {**config.to_dict(), "batch_size": args.batch_size,
                                  "best_metric": BEST, "best_mode": "max"},
                        resumable=config.resumable() | RESUMABLE_OPTIONS)
-    segmenter = build_segmenter(config)
     validate = validation(segmenter, read_rows(held_out, host_share(len(held_out))),
                           len(held_out))
 
     # --- fit ---
-    fit(init_state=segmenter.init_state, train_step=segmenter.train_step, train_data=batches,
+    fit(init_state=start, train_step=segmenter.train_step, train_data=batches,
         eval_fn=validate, best_metric=BEST, best_mode="max", **fit_options(args))
 
     # --- evaluate the kept model ---

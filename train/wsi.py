@@ -5,6 +5,7 @@ classifier on top.
 
     python -m train.wsi                                  # synthetic cohort, runs/wsi
     python -m train.wsi --slides DIR --labels DIR/labels.csv --workdir RUN
+    python -m train.wsi --pretrained resnet18.safetensors --width 64   # from ImageNet weights
     python -m train.wsi extract --workdir RUN --slides DIR_OR_LIST --output OUT
     python -m train.wsi classify --workdir RUN --input a.svs b.svs --output OUT
 """
@@ -47,6 +48,7 @@ from jaxmed.pathology.steps import (
     WsiFeaturizer,
     build_classifier,
     build_network,
+    initial_states,
     slide_vector,
 )
 from jaxmed.training import (
@@ -116,6 +118,8 @@ def train(args: argparse.Namespace, config: WsiConfig) -> dict[str, float]:
     slides = load_slides(config, workdir)
     train_set, test_set = split_slides(slides, config.test_fraction, config.seed)
     values = run_config(config, list(slides.class_names))
+    networks = {which: build_network(values, which) for which in NETWORKS}
+    starts = initial_states(networks, config.pretrained)  # a bad file fails before config.json
     prepare_run_config(workdir, values, resumable=config.resumable() | RESUMABLE_OPTIONS,
                        checkpoint_dirs=[workdir / d for d in (*NETWORKS, CLASSIFIER_DIR)])
     normalizer = stain_normalizer(config, workdir)
@@ -126,14 +130,14 @@ def train(args: argparse.Namespace, config: WsiConfig) -> dict[str, float]:
           f"{int((pretraining.high_labels >= 0).sum())} high-resolution")
 
     # --- pre-train both networks --- (each its own run: workdir/low, workdir/high)
-    networks, states = {}, {}
+    states = {}
     stains = None if normalizer is None else normalizer.target.stains
     for i, which in enumerate(NETWORKS):
-        network = networks[which] = build_network(values, which)
+        network = networks[which]
         batches = train_batches(pretraining.source(which), args.batch_size,
                                 seed=config.seed + i, augmenting=config.augment, stains=stains)
         print(f"pre-training network {i + 1} ({which} resolution)")
-        result = fit(init_state=network.init_state, train_step=network.train_step,
+        result = fit(init_state=starts[which], train_step=network.train_step,
                      train_data=batches, **{**fit_options(args), "workdir": str(workdir / which)})
         states[which] = host_copy(result.state)
 

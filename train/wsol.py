@@ -4,6 +4,8 @@ activation map of a class gives the object's mask and box.
 
     python -m train.wsol                               # synthetic data, runs/wsol
     python -m train.wsol --data-dir ROOT --boxes ROOT/boxes.csv --workdir RUN
+    python -m train.wsol --pretrained vgg16.safetensors --widths 64,128,256,512,512 \
+        --no-batch-norm --conv6-width 1024 --image-size 224    # from ImageNet's VGG16
     python -m train.wsol localize --workdir RUN --input a.png b.png --output OUT
 """
 
@@ -63,10 +65,10 @@ def train(args: argparse.Namespace, config: WsolConfig) -> dict[str, float]:
     batches = train_batches(train_set, args.batch_size, seed=config.seed)
     held_out = held_out_share(val_set)
 
-    # --- model --- (a bad --init-from fails before config.json is written)
+    # --- model --- (a bad --init-from or --pretrained fails before config.json is written)
     values = run_config(config, dataset.class_names, has_boxes(val_set))
     wsol = build_wsol(values)
-    start = initial_state(wsol, workdir, config.init_from)
+    start = initial_state(wsol, workdir, config.init_from, config.pretrained)
     prepare_run_config(workdir, values, resumable=config.resumable() | RESUMABLE_OPTIONS)
 
     # --- fit ---

@@ -91,6 +91,12 @@ class WsiConfig(Config):
 
     width: int = option(16, "base width of both ResNet-18 networks; every layer scales with "
                         "it (original design: 64, a 512-d feature)", type=positive_int)
+    pretrained: str | None = option(
+        None, "start both networks' ResNet-18 (stem and layers 1-4) from torchvision's "
+        "ImageNet resnet18 weights in a safetensors file (a .pth converts with python -m "
+        "jaxmed.weights convert); needs --width 64; the spatial attention and the head keep "
+        "their initialisation; tiles are then normalised with ImageNet's mean and std instead "
+        "of mapped to [-1, 1]", type=run_path, metavar="FILE.safetensors")
     hidden: int = option(256, "width of the pre-training head's first dense layer",
                          type=positive_int)
     dtype: str = option("float32", "computation dtype; parameters stay float32",

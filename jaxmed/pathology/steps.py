@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -28,11 +28,11 @@ from jaxmed.pathology.tiles import TileGrid
 from jaxmed.training import (
     SupervisedSystem,
     TrainState,
-    images_to_unit_range,
     init_supervised_state,
     supervised_train_step,
     warmup_cosine_adamw,
 )
+from jaxmed.weights import pretrained_loader
 
 NETWORKS = ("low", "high")
 
@@ -78,7 +78,19 @@ def build_network(values: Mapping[str, Any], which: str) -> TileNetwork:
                              config.warmup_steps)
     return TileNetwork(model=model, tx=tx, image_size=config.block_size,
                        seed=config.seed + NETWORKS.index(which),
-                       label_smoothing=config.label_smoothing)
+                       label_smoothing=config.label_smoothing,
+                       imagenet_input=config.pretrained is not None)
+
+
+def initial_states(networks: Mapping[str, TileNetwork], pretrained: str | None
+                   ) -> dict[str, Callable[[], TrainState]]:
+    """What `fit` starts each network from: its `init_state`, or with `pretrained` (a
+    torchvision ResNet-18 safetensors file, read once for both) the same with the stem and
+    layers 1-4 loaded from it; a bad file is refused here, before anything is written."""
+    if pretrained is None:
+        return {which: net.init_state for which, net in networks.items()}
+    load = pretrained_loader(pretrained, "resnet")
+    return {which: net.init_state_with(load) for which, net in networks.items()}
 
 
 # ---------------------------------------------------------------------------- featurizer
@@ -93,10 +105,10 @@ def tile_outputs(low_net: TileNetwork, high_net: TileNetwork, low_state: TrainSt
     low, high = split_tile(tiles, ratio)  # low: [B, s, s, 3] float; high: [B, n, s, s, 3]
     b, n = high.shape[:2]
     lo = low_net.model.apply({"params": low_state.params, "batch_stats": low_state.batch_stats},
-                             images_to_unit_range(low), train=False)
+                             low_net.preprocess(low), train=False)
     hi = high_net.model.apply(
         {"params": high_state.params, "batch_stats": high_state.batch_stats},
-        images_to_unit_range(high.reshape(b * n, *high.shape[2:])), train=False)
+        high_net.preprocess(high.reshape(b * n, *high.shape[2:])), train=False)
     high_features = hi["features"].astype(jnp.float32).reshape(b, n, -1)
     high_scores = hi["score"].reshape(b, n)
     low_features = lo["features"].astype(jnp.float32)

@@ -5,7 +5,9 @@ that define what its checkpoints hold (data, network, loss and optimiser), and i
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+from jaxmed.models.segmentation import STEMS
 from jaxmed.training import (
     Config,
     bounded,
@@ -22,6 +24,11 @@ OPTIMISER = "loss and optimiser"
 
 # The smallest phantom `make_kidney_phantoms` draws.
 SYNTHETIC_MIN_SIZE = 32
+
+
+def file_path(text: str) -> str:
+    """An option type: a file, recorded as an absolute path."""
+    return str(Path(text).resolve())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,16 @@ class SegmentationConfig(Config):
                         type=positive_int)
     output_stride: int = option(8, "feature stride of layer 4 (original design: 16)",
                                 choices=(8, 16))
+    stem: str = option("3x3", "stem: two 3x3 convs to 2w channels (original design), or "
+                       "ResNet's 7x7/2 conv to w channels (needed by --pretrained)",
+                       choices=STEMS)
+    pretrained: str | None = option(
+        None, "start the ResNet (stem and layers 1-4) from torchvision's ImageNet weights in a "
+        "safetensors file (e.g. resnet50; a .pth converts with python -m jaxmed.weights "
+        "convert); needs --stem 7x7 and the file's --depth with --width 64; CBAM, pyramid "
+        "pooling and the heads keep their initialisation; input images are then normalised "
+        "with ImageNet's mean and std instead of mapped to [-1, 1]", type=file_path,
+        metavar="FILE.safetensors")
     cbam: bool = option(True, "CBAM after the stem and after layer 4")
     ppm: bool = option(True, "pyramid pooling module")
     aux_weight: float = option(0.4, "weight of the auxiliary head's loss on layer 3; 0 = no "
@@ -78,5 +95,7 @@ class SegmentationConfig(Config):
         if not self.images and self.image_size < SYNTHETIC_MIN_SIZE:
             raise ValueError(f"argument --image-size: synthetic phantoms need at least "
                              f"{SYNTHETIC_MIN_SIZE} pixels, got {self.image_size}")
+        if self.pretrained and self.stem != "7x7":
+            raise ValueError("--pretrained needs --stem 7x7 (torchvision's ResNet stem)")
         if self.ce_weight == 0 and self.dice_weight == 0:
             raise ValueError("--ce-weight and --dice-weight are both 0: nothing to train on")

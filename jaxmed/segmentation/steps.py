@@ -23,6 +23,7 @@ from jaxmed.models.segmentation import SegmentationNet
 from jaxmed.segmentation.config import SegmentationConfig
 from jaxmed.segmentation.data import IGNORE
 from jaxmed.training import SupervisedSystem, TrainState, evaluate, warmup_cosine_adamw
+from jaxmed.weights import pretrained_loader
 
 # Held-out images per evaluation batch (rounded up to a multiple of the device count).
 EVAL_BATCH = 16
@@ -78,14 +79,25 @@ def build_segmenter(config: SegmentationConfig | Mapping[str, Any]) -> Segmenter
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     model = SegmentationNet(num_classes=config.num_classes, depth=config.depth,
                             width=config.width, output_stride=config.output_stride,
-                            use_cbam=config.cbam, use_ppm=config.ppm,
+                            stem=config.stem, use_cbam=config.cbam, use_ppm=config.ppm,
                             aux_head=config.aux_weight > 0, dropout_rate=config.dropout,
                             dtype=dtype)
     tx = warmup_cosine_adamw(config.learning_rate, config.weight_decay, config.steps,
                              config.warmup_steps)
     return Segmenter(model=model, tx=tx, image_size=config.image_size, seed=config.seed,
                      num_classes=config.num_classes, aux_weight=config.aux_weight,
-                     ce_weight=config.ce_weight, dice_weight=config.dice_weight)
+                     ce_weight=config.ce_weight, dice_weight=config.dice_weight,
+                     imagenet_input=config.pretrained is not None)
+
+
+def initial_state(segmenter: Segmenter, pretrained: str | None
+                  ) -> Callable[[], TrainState]:
+    """What `fit` starts from: `segmenter.init_state`, or with `pretrained` (a torchvision
+    ResNet safetensors file) the same with the stem and layers 1-4 loaded from it; a bad file
+    is refused here, before anything is written."""
+    if pretrained is None:
+        return segmenter.init_state
+    return segmenter.init_state_with(pretrained_loader(pretrained, "resnet"))
 
 
 def eval_batch_size(devices: int | None = None) -> int:

@@ -67,7 +67,10 @@ from jaxmed.training._run import read_run_config as read_run_config
 from jaxmed.training._run import restore_trained as restore_trained
 from jaxmed.training._run import transfer_matching as transfer_matching
 from jaxmed.training._state import TrainState as TrainState
+from jaxmed.training._supervised import IMAGENET_MEAN as IMAGENET_MEAN
+from jaxmed.training._supervised import IMAGENET_STD as IMAGENET_STD
 from jaxmed.training._supervised import SupervisedSystem as SupervisedSystem
+from jaxmed.training._supervised import images_to_imagenet as images_to_imagenet
 from jaxmed.training._supervised import images_to_unit_range as images_to_unit_range
 from jaxmed.training._supervised import init_supervised_state as init_supervised_state
 from jaxmed.training._supervised import supervised_train_step as supervised_train_step

@@ -62,6 +62,19 @@ def images_to_unit_range(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 
+# torchvision's ImageNet statistics of RGB in [0, 1], which its pretrained weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def images_to_imagenet(images: jax.Array) -> jax.Array:
+    """uint8 RGB images `[B, H, W, 3]` -> float32 `(x / 255 - mean) / std` per channel with
+    ImageNet's mean and std: the input of networks started from ImageNet weights."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
 def init_supervised_state(model: nn.Module, tx: optax.GradientTransformation,
                           example: jax.Array, seed: int) -> TrainState:
     """A step-0 state of `model` for inputs shaped like `example` (parameters, BatchNorm
@@ -88,19 +101,46 @@ class SupervisedSystem:
     - `model`: a Linen module taking `(x, train=...)` and returning a dict of outputs.
     - `tx`: its optimiser.
     - `image_size`: the square input size; inputs are `[B, S, S, 3]` uint8 images under the
-      batch key `'image'`, mapped to [-1, 1] on the device (`images_to_unit_range`).
+      batch key `'image'`, mapped on the device by `preprocess`.
     - `seed`: seed of the initialisation and of the step keys.
+    - `imagenet_input` (keyword): `preprocess` standardises with ImageNet's mean and std
+      (`images_to_imagenet`, for pretrained weights) instead of mapping to [-1, 1]
+      (`images_to_unit_range`).
     """
 
     model: nn.Module
     tx: optax.GradientTransformation
     image_size: int
     seed: int
+    imagenet_input: bool = dataclasses.field(default=False, kw_only=True)
+
+    def preprocess(self, images: jax.Array) -> jax.Array:
+        """uint8 images `[B, S, S, 3]` -> the network's float32 input."""
+        return (images_to_imagenet if self.imagenet_input else images_to_unit_range)(images)
 
     def init_state(self) -> TrainState:
         """The step-0 state (parameters, BatchNorm statistics, optimiser state)."""
         example = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
         return init_supervised_state(self.model, self.tx, example, self.seed)
+
+    def init_state_with(self, load: Callable[[dict[str, Any]], dict[str, Any]]
+                        ) -> Callable[[], TrainState]:
+        """`init_state` with the step-0 variables `{'params', 'batch_stats'}` passed through
+        `load` (e.g. pretrained weights put in place; the optimiser state is made for the
+        result). `load` runs once here on the variables' shapes, so a bad weights file is
+        refused before a run writes anything; the returned function does the real work when
+        `fit` starts afresh (not when it resumes)."""
+        shapes = jax.eval_shape(self.init_state)
+        load({"params": shapes.params, "batch_stats": shapes.batch_stats})
+
+        def init() -> TrainState:
+            state = self.init_state()
+            variables = jax.tree.map(jnp.asarray, load({"params": state.params,
+                                                        "batch_stats": state.batch_stats}))
+            return TrainState.create(params=variables["params"], tx=self.tx, rng=state.rng,
+                                     batch_stats=variables["batch_stats"])
+
+        return init
 
     def loss(self, outputs, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         """`(model outputs, batch) -> (scalar loss, {name: scalar})`."""
@@ -110,9 +150,9 @@ class SupervisedSystem:
     def train_step(self):
         """`(state, batch) -> (state, metrics)` for `fit`."""
         return supervised_train_step(self.model, self.tx, self.loss, input_key="image",
-                                     preprocess=images_to_unit_range)
+                                     preprocess=self.preprocess)
 
     def outputs(self, state: TrainState, images: jax.Array) -> dict[str, jax.Array]:
         """The model's outputs in inference mode for uint8 images `[B, S, S, 3]`."""
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return self.model.apply(variables, images_to_unit_range(images), train=False)
+        return self.model.apply(variables, self.preprocess(images), train=False)

@@ -10,4 +10,5 @@ from jaxmed.weights._convert import convert as convert
 from jaxmed.weights._torchvision import ARCHITECTURES as ARCHITECTURES
 from jaxmed.weights._torchvision import Loaded as Loaded
 from jaxmed.weights._torchvision import load_torchvision as load_torchvision
+from jaxmed.weights._torchvision import pretrained_loader as pretrained_loader
 from jaxmed.weights._torchvision import read_state_dict as read_state_dict

@@ -25,13 +25,14 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 import safetensors
 import safetensors.numpy
 
 from jaxmed.errors import InputDataError
 
-__all__ = ["ARCHITECTURES", "Loaded", "load_torchvision", "read_state_dict"]
+__all__ = ["ARCHITECTURES", "Loaded", "load_torchvision", "pretrained_loader", "read_state_dict"]
 
 ARCHITECTURES = ("vgg16", "resnet")
 
@@ -76,8 +77,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_torchvision(variables: Mapping[str, Any], weights: str | os.PathLike | Mapping,
-                     architecture: str, *, fc: str | None = None, strict: bool = True
-                     ) -> Loaded:
+                     architecture: str, *, fc: str | None = None, strict: bool = True,
+                     name: str | None = None) -> Loaded:
     """Our `variables` with the arrays of a torchvision state dict in their place.
 
     **Arguments:**
@@ -93,6 +94,7 @@ def load_torchvision(variables: Mapping[str, Any], weights: str | os.PathLike | 
     - `fc`: the root dense layer that takes torchvision's `fc` (`ResNet`'s `'head'`), if any.
     - `strict`: raise when the file lacks an array a rule needs (else it keeps its value and
       is listed in `kept`).
+    - `name`: the file named in errors when `weights` is a state dict.
 
     **Returns:** `Loaded` (variables, loaded, kept, unused).
 
@@ -102,7 +104,9 @@ def load_torchvision(variables: Mapping[str, Any], weights: str | os.PathLike | 
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-    name = os.fspath(weights) if isinstance(weights, str | os.PathLike) else "state dict"
+    if isinstance(weights, str | os.PathLike):
+        name = name or os.fspath(weights)
+    name = name or "the state dict"
     state = read_state_dict(weights) if isinstance(weights, str | os.PathLike) else dict(weights)
     flat = _flatten(variables)
     if architecture == "vgg16":
@@ -262,3 +266,30 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
+
+
+def pretrained_loader(path: str | os.PathLike, architecture: str, *, fc: str | None = None
+                      ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """`variables -> variables` with the file's arrays in place (`load_torchvision`, strict),
+    for a program's `--pretrained`: the file is read once, at the first call, and that call
+    prints what was loaded, which of our arrays keep their initialisation and which file
+    arrays were not used.
+
+    **Raises** (at each call): `InputDataError` as `load_torchvision`.
+    """
+    state: dict[str, np.ndarray] = {}
+    printed = []
+
+    def load(variables: Mapping[str, Any]) -> dict[str, Any]:
+        if not state:
+            state.update(read_state_dict(path))
+        loaded = load_torchvision(variables, state, architecture, fc=fc, name=os.fspath(path))
+        if not printed and jax.process_index() == 0:
+            kept = sorted({"/".join(p.split("/")[1:-1]) for p in loaded.kept})
+            print(f"--pretrained {path}: {len(loaded.loaded)} arrays loaded; initialised "
+                  f"here: {', '.join(kept) or 'none'}; not used from the file: "
+                  f"{_sample(loaded.unused) or 'none'}")
+            printed.append(True)
+        return loaded.variables
+
+    return load

@@ -58,7 +58,7 @@ def scale_range(text: str) -> tuple[float, float]:
 
 
 def run_path(text: str) -> str:
-    """An option type: a run's work directory, recorded as an absolute path."""
+    """An option type: a run's work directory (or a file), recorded as an absolute path."""
     return str(Path(text).resolve())
 
 
@@ -112,6 +112,13 @@ class WsolConfig(Config):
         None, "start from the best checkpoint of an earlier run (e.g. a plain CAM run): every "
         "layer both networks have is copied, inserted modules keep their initialisation; the "
         "optimiser and step start afresh", type=run_path, metavar="RUN")
+    pretrained: str | None = option(
+        None, "start conv1_1 ... conv5_3 from torchvision's ImageNet VGG16 weights in a "
+        "safetensors file (vgg16, or vgg16_bn with --batch-norm; a .pth converts with python "
+        "-m jaxmed.weights convert); needs --widths 64,128,256,512,512; conv6, the "
+        "suppression modules and the classifier keep their initialisation; input images are "
+        "then normalised with ImageNet's mean and std instead of mapped to [-1, 1]",
+        type=run_path, metavar="FILE.safetensors")
 
     learning_rate: float = option(2e-3, "AdamW peak learning rate, cosine decay",
                                   group="optimiser", type=non_negative)
@@ -127,6 +134,8 @@ class WsolConfig(Config):
         if len(self.widths) != 5:
             raise ValueError(f"argument --widths: VGG16 has 5 stages, got {len(self.widths)} "
                              f"widths {','.join(map(str, self.widths))}")
+        if self.pretrained and self.init_from:
+            raise ValueError("give --pretrained or --init-from, not both")
 
 
 def run_config(config: WsolConfig, class_names: Sequence[str], has_boxes: bool

@@ -32,6 +32,7 @@ from jaxmed.training import (
     transfer_matching,
     warmup_cosine_adamw,
 )
+from jaxmed.weights import pretrained_loader
 from jaxmed.wsol.config import PROGRAM, WsolConfig
 
 # Examples per validation batch over all devices (rounded up to a multiple of the device count).
@@ -82,15 +83,19 @@ def build_wsol(values: Mapping[str, Any]) -> Wsol:
                    dtype=dtype)
     tx = warmup_cosine_adamw(config.learning_rate, config.weight_decay, config.steps,
                              config.warmup_steps)
-    return Wsol(model=model, tx=tx, image_size=config.image_size, seed=config.seed)
+    return Wsol(model=model, tx=tx, image_size=config.image_size, seed=config.seed,
+                imagenet_input=config.pretrained is not None)
 
 
-def initial_state(wsol: Wsol, workdir: str | Path, init_from: str | None
-                  ) -> Callable[[], TrainState] | TrainState:
-    """What `fit` starts from: `wsol.init_state`, or with `init_from` (an earlier run's work
-    directory) the warm start `warm_start`, built only when `workdir` has no checkpoint of its
-    own to resume from. An `init_from` that is not a run of this program is reported first,
-    before anything is opened."""
+def initial_state(wsol: Wsol, workdir: str | Path, init_from: str | None,
+                  pretrained: str | None = None) -> Callable[[], TrainState] | TrainState:
+    """What `fit` starts from: `wsol.init_state`; with `pretrained` (a torchvision VGG16
+    safetensors file) the same with conv1_1 ... conv5_3 loaded from it; or with `init_from`
+    (an earlier run's work directory) the warm start `warm_start`, built only when `workdir`
+    has no checkpoint of its own to resume from. A bad `pretrained` file or an `init_from`
+    that is not a run of this program is reported first, before anything is written."""
+    if pretrained is not None:
+        return wsol.init_state_with(pretrained_loader(pretrained, "vgg16"))
     if init_from is not None:
         read_run_config(init_from, PROGRAM)
     checkpoints = Checkpoints(str(workdir), keep=1)

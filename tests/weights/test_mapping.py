@@ -66,7 +66,8 @@ def resnet_state_dict(depth, width=4, classes=5):
             shapes = ([(planes, inplanes, 1, 1), (planes, planes, 3, 3), (out, planes, 1, 1)]
                       if bottleneck else [(planes, inplanes, 3, 3), (planes, planes, 3, 3)])
             for k, shape in enumerate(shapes, start=1):
-                state[f"{p}.conv{k}.weight"] = _normal(*shape) * (2 / np.prod(shape[1:])) ** .5
+                state[f"{p}.conv{k}.weight"] = _normal(*shape) * np.float32(
+                    (2 / np.prod(shape[1:])) ** .5)
                 _bn(state, f"{p}.bn{k}", shape[0])
             if j == 0 and (i > 0 or inplanes != out):
                 state[f"{p}.downsample.0.weight"] = _normal(out, inplanes, 1, 1)
