@@ -77,7 +77,7 @@ def compiled_flops(compiled: Any) -> float | None:
     return flops if flops > 0 else None
 
 
-def matmul_peak_flops(n: int | None = None, repeats: int = 5) -> float:
+def matmul_peak_flops(n: int | None = None, repeats: int = 10) -> float:
     """The default device's measured float32 matmul rate in FLOP/s: the best of `repeats` runs
     of a jitted `n x n @ n x n` product (2 n^3 FLOP), `n` = 2048 on CPU and 4096 on
     accelerators. Measured once per process (per device kind and `n`) and cached: the
