@@ -29,7 +29,9 @@ CPU this is the meaningful per-call figure: the CPU client has no allocator stat
 (`device.memory_stats()` is None), and the process's resident set, reported once under the
 table as `peak RSS` (`resource.getrusage`, the maximum over the whole run), also holds the
 compiler, the other configurations' states and library scratch space outside XLA's buffers.
-`GFLOP/s` is XLA's flop count of the compiled call (`cost_analysis()`) over the step time.
+`GFLOP/s` is XLA's flop count of the compiled call (`cost_analysis()`) over the step time,
+`MFU` that over the float32 matmul rate of the device measured in the same run
+(`benchmarks._timing.matmul_peak_flops`, printed under the table).
 
 Defaults are chosen so that a run finishes within about a quarter of an hour on a 2-core CPU,
 where a `seed` training step takes ~10 s per image and compiling a training step ~30 s: the `seed`
@@ -63,7 +65,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._timing import Timing, print_table, time_jitted
+from benchmarks._timing import (
+    Timing,
+    achieved,
+    compiled_flops,
+    peak_line,
+    print_table,
+    time_jitted,
+)
 from jaxmed.segmentation.config import SegmentationConfig
 from jaxmed.segmentation.steps import Segmenter, build_segmenter
 from train import segment as program
@@ -141,10 +150,8 @@ def xla_bytes(compiled) -> float:
 
 
 def xla_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-        cost = cost[0] if cost else None
-    return float((cost or {}).get("flops", float("nan")))
+    flops = compiled_flops(compiled)
+    return float("nan") if flops is None else flops
 
 
 def count_params(tree: Any) -> int:
@@ -227,12 +234,17 @@ def table_rows(results: dict[str, dict[tuple, Measurement]]) -> list[list[Any]]:
             own = ips(name, mode, dtype, batch)
             rows.append([
                 name, mode, dtype, batch, m.timing.compile_s, m.timing.median_s, own,
-                m.flops / m.timing.median_s / 1e9, m.xla_bytes / 2**20,
+                *_rate(m), m.xla_bytes / 2**20,
                 ratio(own, ips(name, mode, "float32", batch)) if dtype != "float32" else "",
                 ratio(own, ips(name, mode, dtype, smallest)) if batch != smallest else "",
                 ratio(own, ips("cpu", mode, dtype, batch)) if name == "seed" else "",
             ])
     return rows
+
+
+def _rate(m: Measurement) -> tuple[Any, Any]:
+    """`(GFLOP/s, MFU)` of a measurement (empty cells without a flop count)."""
+    return achieved(None if np.isnan(m.flops) else m.flops, m.timing.median_s)
 
 
 # ------------------------------------------------------------------ command line
@@ -294,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
     smallest = min(batch for measured in results.values() for (_, _, batch) in measured)
     print_table(["config", "mode", "dtype", "batch", "compile s", "step s", "images/s", "GFLOP/s",
-                 "XLA MB", "bf16/f32", f"/batch {smallest}", "seed/cpu"], table_rows(results))
+                 "MFU", "XLA MB", "bf16/f32", f"/batch {smallest}", "seed/cpu"],
+                table_rows(results))
+    print(peak_line())
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(f"peak RSS {peak_rss:.0f} MB; load average (1 min) {load_start[0]:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end; {time.perf_counter() - start:.0f} s in all")
