@@ -21,6 +21,8 @@ make the network use that weaker evidence, so that its CAM spreads over the body
     python benchmarks/wsol_quality.py -- --synthetic-body-tint 0   # bodies without class cue
     python benchmarks/wsol_quality.py --pretrain-steps 400 --steps 400   # warm start
     python benchmarks/wsol_quality.py --resume -- --image-size 224   # hours: resumable
+    python benchmarks/wsol_quality.py --pretrained vgg16.safetensors --resume   # the original
+                                                                   # design's regime
 
 Measured (2026-11-22, 2 CPU cores, `python benchmarks/wsol_quality.py`, 3 seeds, 800 steps,
 % on validation; mean ± std): CAM MaxBoxAcc 0.5 30.6 ± 9.5, one module 17.2 ± 3.9, two modules
@@ -43,6 +45,16 @@ one of them plain CAM's box at its best threshold is already 1.14-1.5 times the 
 pretrained VGG16: for each seed a plain CAM network is trained for N steps first
 (WORKDIR/pretrain/seed<k>), and every variant, the CAM baseline included, is then trained from
 it (`--init-from`) for the given steps.
+
+`--pretrained FILE` is the regime the original design reports its gain in: every network starts
+conv1_1 ... conv5_3 from torchvision's ImageNet VGG16 (a safetensors file; convert
+torchvision's vgg16-397923af.pth once with `python -m jaxmed.weights convert
+vgg16-397923af.pth vgg16.safetensors`), at full widths (64,128,256,512,512, conv6 1024),
+without BatchNorm (as torchvision's `vgg16`; give `-- --batch-norm` for a `vgg16_bn` file), at
+224×224, inputs normalised with ImageNet's mean and std. Options after `--` override these.
+With `--pretrain-steps` the plain CAM network starts from the file and the variants from it.
+It needs an accelerator to finish in reasonable time (VGG16 at 224×224 is ~15 GFLOPs per
+image and step); not measured here.
 
 `--resume` makes a long benchmark survive interruptions (at 224×224 it takes hours on a CPU):
 each run's options and, once it has finished, its metrics and time are kept in
@@ -75,6 +87,9 @@ VARIANTS = {
 }
 RECORD_NAME = "benchmark.json"
 COLUMNS = ("val_top1", "val_maxboxacc_50", "val_maxboxacc_70", "val_maxboxacc_v2")
+# With --pretrained: the shape of torchvision's VGG16 and the original resolution.
+PRETRAINED_REGIME = ("--widths", "64,128,256,512,512", "--conv6-width", "1024",
+                     "--no-batch-norm", "--image-size", "224")
 
 
 def _read_record(path: Path) -> dict | None:
@@ -116,13 +131,20 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs an earlier invocation with the same options "
                              "finished, and continue the ones it left unfinished")
+    parser.add_argument("--pretrained", metavar="FILE.safetensors", default=None,
+                        help="start every network from torchvision's ImageNet VGG16 weights, "
+                             "at full widths, without BatchNorm, 224x224 (see above)")
     parser.add_argument("extra", nargs="*", help="options passed to every run (after --)")
     args = parser.parse_args()
+    regime = PRETRAINED_REGIME if args.pretrained else ()
 
     def train(workdir: Path, seed: int, modules: str, steps: int | None, *extra: str,
               redo: bool = False):
+        # A warm-started run takes the pretrained network's weights and normalisation.
+        weights = ("--pretrained", str(Path(args.pretrained).resolve())) \
+            if args.pretrained and "--init-from" not in extra else ()
         options = ["--workdir", str(workdir), "--seed", str(seed), "--modules", modules,
-                   "--no-progress", *args.extra, *extra]
+                   "--no-progress", *regime, *weights, *args.extra, *extra]
         if steps is not None:
             every = str(max(steps // 4, 1))
             options += ["--steps", str(steps), "--eval-every", every, "--checkpoint-every", every]
@@ -169,6 +191,8 @@ def main() -> None:
     print()
     start = (f"from a plain CAM network trained {args.pretrain_steps} steps, "
              if pretrained else "from scratch, ")
+    if args.pretrained:
+        start = f"ImageNet VGG16 ({args.pretrained}), " + start.replace("from scratch, ", "")
     print(f"synthetic WSOL data, {args.seeds} seed(s), {start}{run.steps} steps of batch "
           f"{run.batch_size}, {run.image_size}x{run.image_size}, body tint "
           f"{run.synthetic_body_tint:g}, cell semi-axis "

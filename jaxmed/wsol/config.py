@@ -25,6 +25,7 @@ from jaxmed.training import (
     open_unit_interval,
     option,
     positive_int,
+    read_run_config,
     unit_interval,
 )
 
@@ -140,9 +141,17 @@ class WsolConfig(Config):
 
 def run_config(config: WsolConfig, class_names: Sequence[str], has_boxes: bool
                ) -> dict[str, Any]:
-    """`config.json` of a run: `config`, the classes found in the data (index = label) and the
+    """`config.json` of a run: `config`, the classes found in the data (index = label), the
     validation metric that selects the best checkpoint (MaxBoxAccV2, or top-1 accuracy when the
-    validation images have no boxes)."""
+    validation images have no boxes) and `imagenet_input`: whether images are normalised with
+    ImageNet's statistics, as pretrained weights need (`--pretrained`, or an `--init-from` run
+    that had them).
+
+    **Raises:** `InputDataError` when `init_from` is not a run of this program."""
+    imagenet = config.pretrained is not None or (
+        config.init_from is not None
+        and bool(read_run_config(config.init_from, PROGRAM).get("imagenet_input", False)))
     return {**config.to_dict(), "num_classes": len(class_names),
             "class_names": list(class_names),
-            "best_metric": "val_maxboxacc_v2" if has_boxes else "val_top1", "best_mode": "max"}
+            "best_metric": "val_maxboxacc_v2" if has_boxes else "val_top1", "best_mode": "max",
+            "imagenet_input": imagenet}

@@ -73,8 +73,8 @@ class Wsol(SupervisedSystem):
 
 
 def build_wsol(values: Mapping[str, Any]) -> Wsol:
-    """The classifier and optimiser of a run's `config.json` values (`WsolConfig`'s fields and
-    `num_classes`)."""
+    """The classifier and optimiser of a run's `config.json` values (`WsolConfig`'s fields,
+    `num_classes` and optionally `imagenet_input`, which defaults to `pretrained` being set)."""
     config = WsolConfig.from_dict(dict(values))
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     model = VGGCAM(num_classes=values["num_classes"], widths=config.widths,
@@ -84,7 +84,7 @@ def build_wsol(values: Mapping[str, Any]) -> Wsol:
     tx = warmup_cosine_adamw(config.learning_rate, config.weight_decay, config.steps,
                              config.warmup_steps)
     return Wsol(model=model, tx=tx, image_size=config.image_size, seed=config.seed,
-                imagenet_input=config.pretrained is not None)
+                imagenet_input=bool(values.get("imagenet_input", config.pretrained)))
 
 
 def initial_state(wsol: Wsol, workdir: str | Path, init_from: str | None,

@@ -20,6 +20,7 @@ from jaxmed.pathology.data import SlideSet
 from jaxmed.pathology.steps import build_network, initial_states
 from jaxmed.segmentation.steps import build_segmenter
 from jaxmed.training import images_to_imagenet
+from jaxmed.wsol.config import WsolConfig, run_config
 from jaxmed.wsol.steps import build_wsol
 from tests.weights.test_mapping import resnet_state_dict, vgg16_state_dict
 
@@ -70,7 +71,12 @@ def test_wsol_pretrained(tmp_path, monkeypatch):
     wsol = build_wsol(values)
     images = jnp.full((1, 2, 2, 3), 255, jnp.uint8)
     np.testing.assert_allclose(wsol.preprocess(images), images_to_imagenet(images))
-    assert not build_wsol({**values, "pretrained": None}).imagenet_input
+    assert values["imagenet_input"]
+    assert not build_wsol({**values, "pretrained": None, "imagenet_input": False}).imagenet_input
+
+    # A run warm-started from this one keeps its input normalisation.
+    assert run_config(WsolConfig(init_from=str(workdir)), ["a", "b"], True)["imagenet_input"]
+    assert not run_config(WsolConfig(), ["a", "b"], True)["imagenet_input"]
 
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
