@@ -17,6 +17,11 @@ update B negatives and B positives, per generator update B positives, so B (2k +
   checks that both give the same parameters).
 - `dtype`: float32 against bfloat16 computation (parameters stay float32).
 
+`GFLOP/s` is XLA's flop count of the compiled step (`cost_analysis()`; unfused: k critic
+updates + 1 generator update) over the step time, `MFU` that over the float32 matmul rate of the
+device measured in the same run (`benchmarks._timing.matmul_peak_flops`, printed under the
+table).
+
     python benchmarks/mapping_gan_speed.py
     python benchmarks/mapping_gan_speed.py --size 16 --repeats 2 --only critic,fusion
 """
@@ -38,7 +43,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._timing import print_table
+from benchmarks._timing import achieved, compiled_flops, peak_line, print_table
 from jaxmed import losses
 from jaxmed.mapping_gan.config import MappingGanConfig
 from jaxmed.mapping_gan.steps import MappingGan, build_mapping_gan
@@ -126,7 +131,7 @@ def unfused_updates(gan: MappingGan, k: int):
 
 
 def unfused_step(gan: MappingGan, state, batch: dict[str, jax.Array]):
-    """`(step_fn, compile_s)`: `step_fn()` runs one unfused generator step from `state` on
+    """`(step_fn, compile_s, flops)`: `step_fn()` runs one unfused generator step from `state` on
     `batch` as a Python loop of k + 1 compiled calls (minibatches sliced beforehand, outside the
     timing)."""
     k = batch["negative"].shape[1]
@@ -139,6 +144,8 @@ def unfused_step(gan: MappingGan, state, batch: dict[str, jax.Array]):
                                           indices[0]).compile()
     generator = jax.jit(generator_update).lower(state, positives[k]).compile()
     compile_s = time.perf_counter() - start
+    parts = [compiled_flops(critic), compiled_flops(generator)]
+    flops = None if None in parts else k * parts[0] + parts[1]
 
     def step_fn():
         s = state
@@ -146,7 +153,7 @@ def unfused_step(gan: MappingGan, state, batch: dict[str, jax.Array]):
             s = critic(s, negatives[i], positives[i], indices[i])
         return generator(s, positives[k])[0]
 
-    return step_fn, compile_s
+    return step_fn, compile_s, flops
 
 
 def time_calls(fn, warmup: int, repeats: int) -> float:
@@ -203,10 +210,11 @@ def measure(variant: Variant, args: argparse.Namespace, states: dict) -> dict[st
         compiled = jax.jit(gan.train_step).lower(state, batch).compile()
         compile_s = time.perf_counter() - start
         run = lambda: compiled(state, batch)[0]  # noqa: E731
+        flops = compiled_flops(compiled)
     else:
-        run, compile_s = unfused_step(gan, state, batch)
+        run, compile_s, flops = unfused_step(gan, state, batch)
     step_s = time_calls(run, args.warmup, args.repeats)
-    return dict(compile_s=compile_s, step_s=step_s, run=run, state=state,
+    return dict(compile_s=compile_s, step_s=step_s, run=run, state=state, flops=flops,
                 g_params=count_params(state.params["generator"]),
                 d_params=count_params(state.params["critic"]))
 
@@ -246,7 +254,7 @@ def run_comparisons(chosen: list[str], base: dict, args: argparse.Namespace):
             volumes = args.batch * (2 * args.n_critic + 1)
             rows.append([name, v.name, _describe(v, args), r["g_params"], r["d_params"],
                          r["compile_s"], r["step_s"] * 1e3, 1.0 / r["step_s"],
-                         volumes / r["step_s"],
+                         volumes / r["step_s"], *achieved(r["flops"], r["step_s"]),
                          r["step_s"] / ref["step_s"] if r is not ref else "",
                          r["d_params"] / ref["d_params"] if r is not ref else ""])
         if name == "fusion":
@@ -308,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.batch * (2 * args.n_critic + 1)} volumes per step, "
           f"median of {args.repeats} after {args.warmup} warm-up")
     print_table(["comparison", "variant", "setup", "G params", "D params", "compile s",
-                 "step ms", "steps/s", "volumes/s", "time ratio", "D param ratio"], rows)
+                 "step ms", "steps/s", "volumes/s", "GFLOP/s", "MFU", "time ratio",
+                 "D param ratio"], rows)
+    print(peak_line())
     if check is not None:
         print("fused vs unfused, one step: ||difference|| / ||update|| of all parameters = "
               f"{check:.3g}")
