@@ -15,6 +15,7 @@ import jax
 class Timing:
     compile_s: float
     median_s: float
+    flops: float | None = None  # XLA's flop count of one call (`compiled_flops`), if known
 
 
 def time_jitted(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: int = 10) -> Timing:
@@ -22,6 +23,7 @@ def time_jitted(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: in
     function.
 
     Every call is followed by `jax.block_until_ready`, so the time covers the device work.
+    `flops` is XLA's count for one call of the compiled function (`compiled_flops`).
     """
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -33,7 +35,8 @@ def time_jitted(fn: Callable[..., Any], *args: Any, warmup: int = 2, repeats: in
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return Timing(compile_s=compile_s, median_s=statistics.median(times))
+    return Timing(compile_s=compile_s, median_s=statistics.median(times),
+                  flops=compiled_flops(compiled))
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

@@ -33,7 +33,12 @@ in the loader's `next`); `ours/torch`: our tiles/s over PyTorch's, same configur
 dtype, same run (goal >= 1, with input wait < 10 %); `network tiles/s`, `network images/s`:
 both networks and the fusion alone on a fixed batch of tiles already in memory (ours:
 `time_jitted` of `steps.tile_outputs`; PyTorch: the median of as many timed calls), i.e. what
-the pipeline would reach if input were free; images = tiles x (1 + blocks).
+the pipeline would reach if input were free; images = tiles x (1 + blocks). `network GFLOP/s`
+is XLA's flop count of our compiled network-only call (`cost_analysis()`) over its time (for
+the PyTorch row, the same count over PyTorch's time: the same networks do the same work), `MFU`
+that over the float32 matmul rate of the device measured in the same run
+(`benchmarks._timing.matmul_peak_flops`, printed under the table). The end-to-end columns have
+no FLOP/s: their time is mostly reading, decoding and recolouring tiles, not XLA's work.
 
 Configurations (`--configs`): `seed`, the original design (1152-pixel tiles, ratio 0.5: a
 576^2 low image and four 576^2 blocks, width 64: 512-d features), and `cpu`, the program's
@@ -71,7 +76,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from benchmarks._timing import print_table, time_jitted
+from benchmarks._timing import achieved, peak_line, print_table, time_jitted
 from jaxmed.data.slide import open_slide
 from jaxmed.data.synthetic_slide import make_synthetic_slide, write_synthetic_slide
 from jaxmed.pathology import tissue
@@ -172,6 +177,7 @@ class Result:
     network_tiles_per_second: float
     slide_features: list[np.ndarray]
     prepare_seconds: float = float("nan")
+    network_flops: float | None = None  # XLA's count for one batch of the network-only call
 
 
 def run_config(plan: Plan, dtype: str, args: argparse.Namespace) -> WsiConfig:
@@ -217,7 +223,8 @@ def measure_ours(plan: Plan, dtype: str, states, slides: list[BenchSlide],
                          repeats=plan.repeats)
     result = Result(report.tiles, report.seconds, report.input_wait_seconds,
                     plan.batch / timing.median_s, [f["slide_feature"] for f in files],
-                    sum(f["attributes"]["prepare_seconds"] for f in files))
+                    sum(f["attributes"]["prepare_seconds"] for f in files),
+                    network_flops=timing.flops)
     return result, profiles
 
 
@@ -275,9 +282,11 @@ def rows_of(name: str, plan: Plan, dtype: str, ours: Result, theirs: Result | No
     images = 1 + round(1 / WsiConfig().ratio) ** 2
 
     def row(label: str, r: Result, ratio) -> list:
+        # The network-only call processes one batch: its flops over its time per batch.
+        rate = achieved(ours.network_flops, plan.batch / r.network_tiles_per_second)
         return [f"{name} ({plan.tile_size}, w{plan.width})", dtype, label, r.tiles,
                 r.tiles / r.seconds, 100 * r.input_wait_seconds / r.seconds, ratio,
-                r.network_tiles_per_second, images * r.network_tiles_per_second]
+                r.network_tiles_per_second, images * r.network_tiles_per_second, *rate]
 
     if theirs is None:
         return [row("ours", ours, "torch absent")]
@@ -379,7 +388,9 @@ def main(argv=None) -> None:
             rows += rows_of(name, plan, dtype, ours, theirs)
     print()
     print_table(["configuration", "dtype", "implementation", "tiles", "tiles/s",
-                 "input wait %", "ours/torch", "network tiles/s", "network images/s"], rows)
+                 "input wait %", "ours/torch", "network tiles/s", "network images/s",
+                 "network GFLOP/s", "MFU"], rows)
+    print(peak_line())
     print()
     for note in notes:
         print(note)
