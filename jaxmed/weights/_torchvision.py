@@ -125,8 +125,9 @@ def load_torchvision(variables: Mapping[str, Any], weights: str | os.PathLike | 
         raise InputDataError(f"{name}: holds no array of a torchvision {architecture} network "
                              f"that fits this network (keys: {_sample(state)})")
     if missing and strict:
+        missing = sorted(set(missing))
         raise InputDataError(f"{name}: lacks {len(missing)} array(s) of the network's "
-                             f"{architecture} layers: {_sample(sorted(set(missing)))}")
+                             f"{architecture} layers: {_sample(missing)}")
     used = {k for path in loaded for k in rules[path].keys}
     unused = sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked"))
     kept = [p for p in flat if p not in loaded]
@@ -285,7 +286,7 @@ def pretrained_loader(path: str | os.PathLike, architecture: str, *, fc: str | N
             state.update(read_state_dict(path))
         loaded = load_torchvision(variables, state, architecture, fc=fc, name=os.fspath(path))
         if not printed and jax.process_index() == 0:
-            kept = sorted({"/".join(p.split("/")[1:-1]) for p in loaded.kept})
+            kept = sorted({p.split("/")[1] for p in loaded.kept})  # our top-level modules
             print(f"--pretrained {path}: {len(loaded.loaded)} arrays loaded; initialised "
                   f"here: {', '.join(kept) or 'none'}; not used from the file: "
                   f"{_sample(loaded.unused) or 'none'}")

@@ -143,9 +143,9 @@ def run_config(config: WsolConfig, class_names: Sequence[str], has_boxes: bool
                ) -> dict[str, Any]:
     """`config.json` of a run: `config`, the classes found in the data (index = label), the
     validation metric that selects the best checkpoint (MaxBoxAccV2, or top-1 accuracy when the
-    validation images have no boxes) and `imagenet_input`: whether images are normalised with
-    ImageNet's statistics, as pretrained weights need (`--pretrained`, or an `--init-from` run
-    that had them).
+    validation images have no boxes) and, when images are normalised with ImageNet's
+    statistics as pretrained weights need (`--pretrained`, or an `--init-from` run that had
+    them), `imagenet_input: true`.
 
     **Raises:** `InputDataError` when `init_from` is not a run of this program."""
     imagenet = config.pretrained is not None or (
@@ -154,4 +154,5 @@ def run_config(config: WsolConfig, class_names: Sequence[str], has_boxes: bool
     return {**config.to_dict(), "num_classes": len(class_names),
             "class_names": list(class_names),
             "best_metric": "val_maxboxacc_v2" if has_boxes else "val_top1", "best_mode": "max",
-            "imagenet_input": imagenet}
+            # only when set, so that runs from before the option resume unchanged
+            **({"imagenet_input": True} if imagenet else {})}
