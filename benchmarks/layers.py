@@ -3,6 +3,9 @@
 Tensor-train layers are compared with the dense `nn.Dense` / `nn.Conv` of the same input and output
 shape, and jaxmed's `Conv` / `BlockConvTranspose` with Flax's `nn.Conv` / `nn.ConvTranspose` they
 replace, measured in the same run; the `ratio` columns are time / reference time (below 1 = faster).
+`GFLOP/s` is XLA's flop count of the compiled call (`cost_analysis()`) over its time, forward and
+forward+backward, and `MFU` that over the float32 matmul rate of the device measured in the same
+run (`benchmarks._timing.matmul_peak_flops`, printed under the table).
 
     python benchmarks/layers.py                 # 2-D, float32
     python benchmarks/layers.py --dims 3 --dtype bfloat16
@@ -25,7 +28,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._timing import print_table, time_jitted
+from benchmarks._timing import achieved, peak_line, print_table, time_jitted
 from jaxmed import layers as L
 
 
@@ -152,11 +155,15 @@ def main() -> None:
             r["fwd"].median_s / ref["fwd"].median_s if ref else "",
             r["bwd"].median_s / ref["bwd"].median_s if ref else "",
             r["params"] / ref["params"] if ref else "",
+            *achieved(r["fwd"].flops, r["fwd"].median_s),
+            *achieved(r["bwd"].flops, r["bwd"].median_s),
         ])
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
           f"{args.dims}-D, {args.dtype}, batch {args.batch}, median of {args.repeats}")
     print_table(["layer", "input", "params", "fwd ms", "fwd+bwd ms", "compile s",
-                 "fwd ratio", "fwd+bwd ratio", "param ratio"], rows)
+                 "fwd ratio", "fwd+bwd ratio", "param ratio", "fwd GFLOP/s", "fwd MFU",
+                 "fwd+bwd GFLOP/s", "fwd+bwd MFU"], rows)
+    print(peak_line())
 
 
 if __name__ == "__main__":
