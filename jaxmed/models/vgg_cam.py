@@ -38,7 +38,8 @@ CONV_NAMES = tuple(
 
 # wsolevaluation's `initialize_weights(init_mode='he')`: convs kaiming-normal (fan_out, ReLU
 # gain), biases 0, the classifier N(0, 0.01). They then load ImageNet weights into conv1_1 …
-# conv5_3; we cannot, so the He initialisation is what training from scratch starts from.
+# conv5_3; here that is `jaxmed.weights` (`--pretrained`), and without it training starts from
+# the He initialisation.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _classifier_init = nn.initializers.normal(0.01)
 
@@ -88,8 +89,9 @@ class VGGCAM(nn.Module):
     block (3×3 SAME, ReLU); pools are 2×2, stride 2 (spatial sizes are floored, as in PyTorch).
     A `ThresholdSuppression` named `<conv>_suppression` follows each conv listed in `modules`.
 
-    Initialisation (as wsolevaluation's "he" mode, which we cannot follow with ImageNet
-    weights): conv kernels He-normal over fan-out, classifier kernel N(0, 0.01), biases 0.
+    Initialisation (as wsolevaluation's "he" mode; its ImageNet weights for conv1_1 … conv5_3
+    load with `jaxmed.weights.load_torchvision`): conv kernels He-normal over fan-out,
+    classifier kernel N(0, 0.01), biases 0.
     VGG trained from scratch converges slowly and can stall without normalisation;
     `batch_norm=True` adds BatchNorm to every conv block (then call with `train=True` in
     training and `mutable=['batch_stats']`).
