@@ -29,10 +29,12 @@ faster kept (`--torch-format`); the table says which. Ours: jitted with the stat
 `jax.block_until_ready` after each call.
 
 Each case builds its three implementations and then times them in interleaved rounds: round
-r times one call of jaxmed with XLA's own convolution gradient (`jaxmed.layers.conv_gradient(
-"xla")` in place while the step is traced and compiled: the state before issue 19), one of
-jaxmed's default (`"auto"`) and one of PyTorch, `--rounds` times; the table reports each
-implementation's median. Compilation and `--warmup` untimed calls come first.
+r times one call (or, for calls shorter than `--round-s`, as many consecutive calls as fill it,
+the same number every round) of jaxmed with XLA's own convolution gradient
+(`jaxmed.layers.conv_gradient("xla")` in place while the step is traced and compiled: the
+state before issue 19), then jaxmed's default (`"auto"`), then PyTorch, `--rounds` times; the
+table reports each implementation's median seconds per call. Compilation and `--warmup`
+untimed calls come first.
 
 Columns: `torch`, `jaxmed xla`, `jaxmed` are images/s; `jaxmed/torch` and `before` (jaxmed
 xla / torch) their ratios (above 1: ours is faster); `GFLOP/s` is XLA's flop count of the
@@ -471,12 +473,19 @@ def make_case(name: str, sizes: Sizes) -> Case:
 # ------------------------------------------------------------------ measurement
 
 
-def _timed(run: Callable[[], Any], is_torch: bool) -> float:
+def _timed(run: Callable[[], Any], is_torch: bool, calls: int = 1) -> float:
+    """Seconds per call of `calls` consecutive calls (each blocked until ready)."""
     start = time.perf_counter()
-    out = run()
-    if not is_torch:
-        jax.block_until_ready(out)
-    return time.perf_counter() - start
+    for _ in range(calls):
+        out = run()
+        if not is_torch:
+            jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
+def _calls(seconds: float, round_s: float) -> int:
+    """Calls per round so that a round of one implementation lasts about `round_s`."""
+    return max(1, min(50, round(round_s / max(seconds, 1e-6))))
 
 
 def _pick_format(case: Case, args: argparse.Namespace) -> tuple[str, Callable[[], Any]]:
@@ -509,10 +518,12 @@ def measure(case: Case, args: argparse.Namespace, modes: tuple[str, ...]) -> dic
         for _ in range(args.warmup):
             jax.block_until_ready(runs[mode]())
     fmt, runs["torch"] = _pick_format(case, args)
+    calls = {impl: _calls(_timed(run, impl == "torch"), args.round_s)
+             for impl, run in runs.items()}
     times: dict[str, list[float]] = {impl: [] for impl in runs}
     for r in range(args.rounds):
         for impl, run in runs.items():
-            times[impl].append(_timed(run, impl == "torch"))
+            times[impl].append(_timed(run, impl == "torch", calls[impl]))
         print(f"  round {r + 1}: " + ", ".join(f"{i} {t[-1]:.3g} s" for i, t in times.items()),
               file=sys.stderr, flush=True)
     seconds = {impl: statistics.median(t) for impl, t in times.items()}
@@ -520,7 +531,7 @@ def measure(case: Case, args: argparse.Namespace, modes: tuple[str, ...]) -> dic
         seconds["xla"], flops["xla"], compile_s["xla"] = (seconds["auto"], flops["auto"],
                                                           compile_s["auto"])
     return dict(seconds=seconds, flops=flops, compile_s=compile_s, torch_format=fmt,
-                times=times)
+                times=times, calls_per_round=calls)
 
 
 def row(case: Case, m: dict[str, Any]) -> list[Any]:
@@ -545,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed calls of each implementation after compilation "
                              "(default: %(default)s)")
+    parser.add_argument("--round-s", type=float, default=1.0,
+                        help="an implementation's part of a round repeats its call to last about "
+                             "this many seconds (fast cases; default: %(default)s)")
     parser.add_argument("--cases-small", action="store_true",
                         help="tiny networks and images: a quick check of the script")
     parser.add_argument("--torch-format", choices=FORMATS, default="auto",
@@ -587,8 +601,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{case.params[1]:,}" + "".join(f"; {n}" for n in case.notes))
         del case, m
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"with {threads} threads; median of {args.rounds} interleaved rounds after "
-          f"{args.warmup} warm-up call(s)")
+          f"with {threads} threads; median of {args.rounds} interleaved rounds (>= "
+          f"{args.round_s:g} s or one call per implementation) after {args.warmup} warm-up "
+          "call(s)")
     if len(modes) == 1:
         print("jaxmed.layers.conv_gradient is not available: the 'jaxmed xla' column repeats "
               "the one gradient the library has")
