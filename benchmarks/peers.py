@@ -151,7 +151,8 @@ def _copy(tree: Any) -> Any:
 def _donated_runner(step, state, *args) -> tuple[Callable[[], Any], float | None]:
     """Compiles `step(state, *args)` with the state donated (in the current conv mode) and
     returns a `run()` that feeds each call the state the previous call returned."""
-    compiled = jax.jit(step, donate_argnums=0).lower(state, *args).compile()
+    # A new function object per mode: jit caches traces per function, not per conv mode.
+    compiled = jax.jit(lambda *a: step(*a), donate_argnums=0).lower(state, *args).compile()
     holder = [state]
 
     def run():
@@ -162,7 +163,7 @@ def _donated_runner(step, state, *args) -> tuple[Callable[[], Any], float | None
 
 
 def _inference_runner(apply, variables, x) -> tuple[Callable[[], Any], float | None]:
-    compiled = jax.jit(apply).lower(variables, x).compile()
+    compiled = jax.jit(lambda *a: apply(*a)).lower(variables, x).compile()
     return (lambda: compiled(variables, x)), compiled_flops(compiled)
 
 

@@ -9,6 +9,7 @@ from jaxmed.layers._attention import SpatialAttention as SpatialAttention
 from jaxmed.layers._conv import BlockConvTranspose as BlockConvTranspose
 from jaxmed.layers._conv import Conv as Conv
 from jaxmed.layers._conv import conv as conv
+from jaxmed.layers._conv import conv_gradient as conv_gradient
 from jaxmed.layers._pyramid import PyramidPooling as PyramidPooling
 from jaxmed.layers._resample import adaptive_avg_pool as adaptive_avg_pool
 from jaxmed.layers._resample import resample as resample
@@ -35,6 +36,7 @@ __all__ = [
     "ThresholdSuppression",
     "adaptive_avg_pool",
     "conv",
+    "conv_gradient",
     "resample",
     "resize_align_corners",
     "suppress_discriminative",

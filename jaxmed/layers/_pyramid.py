@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.layers._conv import Conv
 from jaxmed.layers._resample import adaptive_avg_pool, resize_align_corners
 
 
@@ -56,7 +57,7 @@ class PyramidPooling(nn.Module):
         branches = [x]
         for i, b in enumerate(self.bins):
             y = adaptive_avg_pool(x, b)  # y: [B, *bin, C]
-            y = nn.Conv(
+            y = Conv(
                 reduced, (1,) * len(spatial), use_bias=not self.use_norm,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f"bin{i}_conv",
             )(y)  # y: [B, *bin, R]

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmed.layers._conv import Conv
+
 # d/dr r^α = α r^(α-1) is infinite at r = 0 for α < 1; the slope is evaluated at
 # max(r, _SLOPE_EPS) instead, i.e. capped at α·_SLOPE_EPS^(α-1) (12.6 for α = 0.8).
 _SLOPE_EPS = 1e-6
@@ -159,7 +161,7 @@ class ThresholdSuppression(nn.Module):
         w2 = nn.relu(dense(channels, name="squeeze")(w1))  # [B, C]
         w3 = dense(2 * channels, name="excite")(w2)  # [B, 2C]
         weights = nn.sigmoid(w3).reshape(w3.shape[0], *(1,) * n_spatial, -1)  # W*: [B, 1.., 2C]
-        return nn.Conv(
+        return Conv(
             channels, (1,) * n_spatial, dtype=self.dtype, param_dtype=self.param_dtype,
             name="project",
         )(weights * fused)  # F*: [B, *S, C]

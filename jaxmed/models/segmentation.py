@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmed.layers import CBAM, PyramidPooling, resize_align_corners
+from jaxmed.layers import CBAM, Conv, PyramidPooling, resize_align_corners
 from jaxmed.models._util import spatial_dims
 from jaxmed.models.resnet import (
     RESNET_DEPTHS,
@@ -39,7 +39,7 @@ from jaxmed.models.resnet import (
     batch_norm,
     conv_norm,
     dilation_schedule,
-    he_normal_fan_out,
+    he_normal_conv,
 )
 
 Array = jax.Array
@@ -48,10 +48,7 @@ __all__ = ["STEMS", "SegmentationHead", "SegmentationNet"]
 
 STEMS = ("3x3", "7x7")
 
-# Flax's convolution with the ResNet initialisation, not `jaxmed.layers.Conv` (ResNet's
-# default): on CPU the two round 3-D convolutions differently, and this network keeps the
-# numbers it has always computed.
-_LAYERS = dict(conv=functools.partial(nn.Conv, kernel_init=he_normal_fan_out), norm=batch_norm)
+_LAYERS = dict(conv=he_normal_conv, norm=batch_norm)
 
 
 # ----------------------------------------------------------------------------
@@ -86,7 +83,7 @@ class SegmentationHead(nn.Module):
         y = nn.relu(conv_norm(x, self.hidden, 3, train=train, dtype=self.dtype,
                               param_dtype=self.param_dtype, **_LAYERS))  # y: [B, *S, hidden]
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        return nn.Conv(self.num_classes, (1,) * (x.ndim - 2), dtype=self.dtype,
+        return Conv(self.num_classes, (1,) * (x.ndim - 2), dtype=self.dtype,
                        param_dtype=self.param_dtype, name="classifier")(y)  # [B, *S, classes]
 
 

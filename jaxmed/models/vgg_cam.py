@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmed.layers import ThresholdSuppression
+from jaxmed.layers import Conv, ThresholdSuppression
 
 __all__ = ["CONV_NAMES", "ConvReLU", "VGGCAM", "cam_weights"]
 
@@ -69,7 +69,7 @@ class ConvReLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         n_spatial = x.ndim - 2
-        x = nn.Conv(
+        x = Conv(
             self.features, (3,) * n_spatial, padding="SAME", use_bias=not self.batch_norm,
             kernel_init=_conv_init, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
         )(x)  # [B, *S, features]
