@@ -67,7 +67,8 @@ def train(args: argparse.Namespace, config: SegmentationConfig) -> dict[str, flo
     start = initial_state(segmenter, config.pretrained)
     prepare_run_config(workdir, {**config.to_dict(), "batch_size": args.batch_size,
                                  "best_metric": BEST, "best_mode": "max"},
-                       resumable=config.resumable() | RESUMABLE_OPTIONS)
+                       resumable=config.resumable() | RESUMABLE_OPTIONS,
+                       defaults=config.defaults())
     validate = validation(segmenter, read_rows(held_out, host_share(len(held_out))),
                           len(held_out))
 

@@ -97,6 +97,12 @@ class Config:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default, JSON-ready (for `prepare_run_config(defaults=)`)."""
+        return {f.name: _jsonable(f.default) for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}
+
+    @classmethod
     def resumable(cls) -> frozenset[str]:
         """The fields that may change when a run resumes."""
         return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable"))

@@ -26,8 +26,8 @@ class ConfigMismatch(InputDataError):
 
 def prepare_run_config(workdir: str | os.PathLike, config: dict[str, Any], *,
                        resumable: Iterable[str] = (),
-                       checkpoint_dirs: Iterable[str | os.PathLike] | None = None
-                       ) -> dict[str, Any]:
+                       checkpoint_dirs: Iterable[str | os.PathLike] | None = None,
+                       defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `workdir/config.json` for a run that is starting or resuming, keeping it consistent
     with the run's checkpoints.
 
@@ -39,6 +39,8 @@ def prepare_run_config(workdir: str | os.PathLike, config: dict[str, Any], *,
     `"resumed"` with the step it applied from. Only process 0 writes (atomically); every
     process checks. `checkpoint_dirs`: the work directories whose checkpoints this
     configuration made, for a program that trains several models (default: `workdir`).
+    `defaults`: option values a saved configuration that lacks the key was trained with (an
+    option added after the run was made), so such runs still resume.
 
     **Returns:** the configuration now in `config.json`.
     """
@@ -49,6 +51,7 @@ def prepare_run_config(workdir: str | os.PathLike, config: dict[str, Any], *,
         _write_json(path, config)
         return config
     saved = read_run_config(workdir, "this program")
+    saved = {**{k: v for k, v in (defaults or {}).items() if k in config}, **saved}
     resumable = set(resumable) | {"resumed"}
     fixed = sorted(k for k in set(config) | set(saved)
                    if k not in resumable and config.get(k) != saved.get(k))

@@ -180,6 +180,20 @@ def test_resuming_with_resumable_changes_records_them(tmp_path):
                                 {"step": 5, "changed": {"steps": [8, 12]}}]
 
 
+def test_an_option_added_after_a_run_resumes_it_at_its_default_only(tmp_path):
+    prepare_run_config(tmp_path, {"width": 2, "steps": 5})  # made before "stem" existed
+    _save_checkpoint(tmp_path, _state())
+    defaults = {"stem": "3x3", "width": 16}
+    resumed = prepare_run_config(tmp_path, {"width": 2, "steps": 5, "stem": "3x3"},
+                                 defaults=defaults)
+    assert resumed["stem"] == "3x3" and resumed["width"] == 2
+    with pytest.raises(ConfigMismatch, match="--stem: saved '3x3', now '7x7'"):
+        prepare_run_config(tmp_path, {"width": 2, "steps": 5, "stem": "7x7"},
+                           defaults=defaults)
+    with pytest.raises(ConfigMismatch, match="--stem: saved None, now '3x3'"):
+        prepare_run_config(tmp_path, {"width": 2, "steps": 5, "stem": "3x3"})
+
+
 # ------------------------------------------------------------------ load_run
 
 
