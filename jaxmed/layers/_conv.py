@@ -19,10 +19,11 @@ the folded form, GPU and TPU the native 3-D convolution, so one jitted function 
 both. The stacked input costs `kd` times the input's memory.
 
 Training on CPU. The kernel gradient XLA:CPU derives for a convolution is a convolution whose
-"kernel" is the output gradient, as large as the image; it runs far below the matrix-product
-rate of the same arithmetic for 1x1 kernels (256 -> 1024 on 2 x 64^2: 201 ms against 138 ms
-as one matrix product). Written out, the kernel gradient is one matrix product of the input's
-patches with the output gradient,
+"kernel" is the output gradient, as large as the image; where the layer is wide it runs at
+half the matrix-product rate of the same arithmetic or less (value and both gradients of
+2 x 32^2, 1x1, 2048 -> 512: 256 ms, against 56 ms with the kernel gradient as one matrix
+product; 4 x 28^2, 3x3, 512 -> 512: 340 ms against 193 ms). Written out, the kernel gradient
+is one matrix product of the input's patches with the output gradient,
 
     dK[k, c, f] = sum_{b, o} x_pad[b, s o + d k, c] g[b, o, f]
                 = (P^T G)[(k, c), f],   P[(b, o), (k, c)] = x_pad[b, s o + d k, c]
@@ -82,7 +83,7 @@ def conv_gradient(mode: str) -> Iterator[None]:
     (`jax.jit(lambda *a: step(*a))`) to compare modes.
 
     - `'auto'` (the default): the patch product where it is measured faster (every 1x1 kernel,
-      and stride-1 undilated kernels on few input channels), XLA's gradient elsewhere.
+      and larger kernels on many channels: `_patches_pay_off`), XLA's gradient elsewhere.
     - `'xla'`: XLA's own gradient of `lax.conv_general_dilated` everywhere.
     - `'patches'`: the patch product everywhere (it is exact for every shape).
 
@@ -103,20 +104,26 @@ def _output_size(size: int, pad: tuple[int, int], kernel: int, stride: int, dila
 
 
 def _patches_pay_off(x_shape, kernel_shape, strides, pads, dilation, itemsize: int) -> bool:
-    """`auto`'s rule on CPU (see `conv_gradient`), from layer timings on a 2-core CPU (value and
-    both gradients, patch product over XLA): 1x1 kernels 1.4x faster (2 x 64^2, 256 -> 1024),
-    3x3 kernels on 3 input channels 1.6x; 3x3 kernels on 64 to 512 channels 0.79-0.96x
-    (VGG16's layers at 224^2, batch 4), strided or dilated 0.8-0.9x: those keep XLA's."""
+    """`auto`'s rule on CPU (see `conv_gradient`), from layer timings on a quiet 2-core CPU
+    (value and both gradients, XLA's time over the patch product's, measured by
+    `python benchmarks/conv_gradient.py`):
+
+    - 1x1 kernels, every ResNet-50 bottleneck and downsampling shape: 1.4-4.6x.
+    - larger kernels with at least 128 input and output channels and at least 1e8
+      `positions x C_in x C_out` (`positions`: batch times output pixels): 1.1-2.1x
+      (VGG16's 112^2 to 28^2 layers, the dilated ResNet's 256- and 512-channel layers).
+    - larger kernels on fewer channels or less work keep XLA's: the patch product is 0.3-1.1x
+      there (64 channels at 224^2 break even; 16 or 32 channels and the RGB stems lose)."""
     nsp = len(x_shape) - 2
     window = kernel_shape[:nsp]
     out = [_output_size(*a) for a in zip(x_shape[1:-1], pads, window, strides, dilation)]
-    patch_bytes = x_shape[0] * math.prod(out) * math.prod(window) * x_shape[-1] * itemsize
-    if patch_bytes > _MAX_PATCH_BYTES:
+    positions = x_shape[0] * math.prod(out)
+    c_in, c_out = kernel_shape[-2], kernel_shape[-1]
+    if positions * math.prod(window) * c_in * itemsize > _MAX_PATCH_BYTES:
         return False
     if all(k == 1 for k in window):
         return True
-    plain = all(s == 1 for s in strides) and all(d == 1 for d in dilation)
-    return plain and x_shape[-1] <= 16
+    return min(c_in, c_out) >= 128 and positions * c_in * c_out >= 10 ** 8
 
 
 def _patches(x: Array, window: Sequence[int], strides, pads, dilation) -> Array:

@@ -136,16 +136,22 @@ def test_module_training_gradient_equals_flax_conv():
 
 
 def test_auto_uses_the_patch_product_only_where_measured_faster():
-    f32 = 4
-    one_by_one = _patches_pay_off((2, 64, 64, 256), (1, 1, 256, 1024), (1, 1), ((0, 0),) * 2,
-                                  (1, 1), f32)
-    wide_3x3 = _patches_pay_off((4, 56, 56, 256), (3, 3, 256, 256), (1, 1), ((1, 1),) * 2,
-                                (1, 1), f32)
-    rgb_3x3 = _patches_pay_off((4, 224, 224, 3), (3, 3, 3, 64), (1, 1), ((1, 1),) * 2, (1, 1),
-                               f32)
-    huge = _patches_pay_off((64, 512, 512, 64), (1, 1, 64, 64), (1, 1), ((0, 0),) * 2, (1, 1),
-                            f32)
-    assert (one_by_one, wide_3x3, rgb_3x3, huge) == (True, False, True, False)
+    # `benchmarks/conv_gradient.py`'s layers: where its table shows the patch product faster,
+    # and where it shows XLA's gradient faster or even.
+    def picks(x_shape, kernel_shape, strides=(1, 1), dilation=(1, 1)):
+        window = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:2], dilation)]
+        pads = jax.lax.padtype_to_pads(x_shape[1:3], window, strides, "SAME")
+        return _patches_pay_off(x_shape, kernel_shape, strides, tuple(pads), dilation, 4)
+
+    assert picks((2, 64, 64, 256), (1, 1, 256, 64))  # ResNet-50 bottleneck 1x1
+    assert picks((2, 64, 64, 256), (1, 1, 256, 512), strides=(2, 2))  # downsampling 1x1
+    assert picks((4, 56, 56, 256), (3, 3, 256, 256))  # VGG16 conv3
+    assert picks((2, 32, 32, 512), (3, 3, 512, 512), dilation=(4, 4))  # dilated layer4
+    assert not picks((2, 32, 32, 128), (3, 3, 128, 128))  # too little work: XLA is as fast
+    assert not picks((8, 56, 56, 64), (3, 3, 64, 64))  # 64 channels
+    assert not picks((4, 224, 224, 3), (3, 3, 3, 64))  # RGB input layer
+    assert not picks((8, 128, 128, 16), (3, 3, 16, 16))  # few channels: 0.3x
+    assert not picks((64, 512, 512, 64), (1, 1, 64, 64))  # patch matrix over 1 GiB
 
 
 def test_the_patch_product_is_in_the_compiled_gradient_only_on_request():
