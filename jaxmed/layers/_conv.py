@@ -31,7 +31,10 @@ is one matrix product of the input's patches with the output gradient,
 (one row of `P` per output position, one column per kernel tap and input channel; for a 1x1
 kernel `P` is the strided input itself). `conv` computes the kernel gradient that way on CPU
 where it is measured faster (`conv_gradient`), and leaves the input gradient, which XLA:CPU
-runs at the forward's rate, to XLA. Accelerators always get XLA's own gradient.
+runs at the forward's rate, to XLA. `P` is `K` times the input: a large one is built a few
+MiB of rows at a time inside a loop that accumulates each chunk's product while it is in
+cache (`_patch_product`); written whole to memory first, VGG16's first layers' kernel
+gradient would be no faster than XLA's. Accelerators always get XLA's own gradient.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxmed.layers._util import bias_param, per_axis
 
@@ -71,8 +75,6 @@ def _native(x: Array, kernel: Array, strides, pads, dilation, precision) -> Arra
 
 _GRADIENT_MODES = ("auto", "xla", "patches")
 _gradient_mode = contextvars.ContextVar("jaxmed_conv_gradient", default="auto")
-# Above this size of the patch matrix `P` (bytes) `auto` keeps XLA's kernel gradient.
-_MAX_PATCH_BYTES = 1 << 30
 
 
 @contextlib.contextmanager
@@ -108,22 +110,21 @@ def _patches_pay_off(x_shape, kernel_shape, strides, pads, dilation, itemsize: i
     (value and both gradients, XLA's time over the patch product's, measured by
     `python benchmarks/conv_gradient.py`):
 
-    - 1x1 kernels, every ResNet-50 bottleneck and downsampling shape: 1.4-4.6x.
-    - larger kernels with at least 128 input and output channels and at least 1e8
-      `positions x C_in x C_out` (`positions`: batch times output pixels): 1.1-2.1x
-      (VGG16's 112^2 to 28^2 layers, the dilated ResNet's 256- and 512-channel layers).
-    - larger kernels on fewer channels or less work keep XLA's: the patch product is 0.3-1.1x
-      there (64 channels at 224^2 break even; 16 or 32 channels and the RGB stems lose)."""
+    - 1x1 kernels, every ResNet-50 bottleneck and downsampling shape: 1.3-4.4x.
+    - larger kernels with at least 64 input and output channels, 1024 output positions (batch
+      times output pixels) and 5e7 `positions x C_in x C_out`: 1.1-2.1x (VGG16's 224^2 to
+      28^2 layers, the dilated ResNet-50's 256- and 512-channel layers, ResNet-18's tiles).
+    - larger kernels on fewer channels, positions or work keep XLA's: the patch product is
+      0.45-1.1x there (32 or 16 channels and the RGB stems lose; VGG16's 14^2 layers and the
+      64- and 128-channel layers on 64^2 and 32^2 break even)."""
     nsp = len(x_shape) - 2
     window = kernel_shape[:nsp]
     out = [_output_size(*a) for a in zip(x_shape[1:-1], pads, window, strides, dilation)]
     positions = x_shape[0] * math.prod(out)
     c_in, c_out = kernel_shape[-2], kernel_shape[-1]
-    if positions * math.prod(window) * c_in * itemsize > _MAX_PATCH_BYTES:
-        return False
     if all(k == 1 for k in window):
         return True
-    return min(c_in, c_out) >= 128 and positions * c_in * c_out >= 10 ** 8
+    return min(c_in, c_out) >= 64 and positions >= 1024 and positions * c_in * c_out >= 5 * 10**7
 
 
 def _patches(x: Array, window: Sequence[int], strides, pads, dilation) -> Array:
@@ -141,37 +142,87 @@ def _patches(x: Array, window: Sequence[int], strides, pads, dilation) -> Array:
     return taps[0][..., None, :] if len(taps) == 1 else jnp.stack(taps, axis=-2)
 
 
-def _patch_product(x: Array, kernel: Array, strides, pads, dilation, precision) -> Array:
-    """The convolution as `P K` (module docstring). Only its transpose in `kernel`, `P^T G`,
-    is ever computed: it is the tangent of the kernel in `_patch_grad_conv`'s rule. Under
-    `jax.checkpoint`, so reverse mode keeps `x`, not the `K`-times larger `P`, and rebuilds
-    `P` when the gradient needs it."""
-    p = _patches(x, kernel.shape[:x.ndim - 2], strides, pads, dilation)  # [B, *S', K, C]
-    flat = kernel.reshape(-1, kernel.shape[-1])  # [K C, F], tap-major as P's last two axes
-    return jax.lax.dot_general(p.reshape(*p.shape[:-2], -1), flat,
-                               (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+# `_patch_product` builds `P` whole up to `_WHOLE_P_BYTES`, above that in chunks of about
+# `_CHUNK_BYTES` (rows of output): a chunk stays in cache between being written and being read
+# by its matrix product. Measured on VGG16's and ResNets' layers (`benchmarks/conv_gradient.py`):
+# 4 MiB chunks are 1.5-1.9x faster than the whole P for P of 100-450 MiB, the whole P up to
+# 10 % faster below 40 MiB (the chunks' accumulation of the `K C x F` result costs more there).
+_WHOLE_P_BYTES = 48 << 20
+_CHUNK_BYTES = 4 << 20
 
 
-_checkpointed_patch_product = jax.checkpoint(_patch_product, static_argnums=(2, 3, 4, 5))
+def _patch_product(x: Array, kernel: Array, geometry: tuple) -> Array:
+    """The convolution as `P K` (module docstring), linear in `kernel`. Only its transpose in
+    `kernel`, `P^T G`, is ever computed: it is the kernel's term in `_patch_grad_conv`'s JVP.
+
+    A large `P` (`K` times the input) is never written to memory whole: `P K` is a `lax.scan`
+    over chunks of output rows (first spatial axis) of one image, whose checkpointed body
+    builds that chunk's `P_j` from `x`, so the transposed scan rebuilds `P_j` and accumulates
+    `P_j^T G_j` while `P_j` is in cache. A small `P` is built whole (under `jax.checkpoint`:
+    reverse mode keeps `x`, not `P`); for a stride-1 1x1 kernel `P` is `x` itself."""
+    strides, pads, dilation, precision = geometry
+    nsp, c, f = x.ndim - 2, x.shape[-1], kernel.shape[-1]
+    window = kernel.shape[:nsp]
+    taps = math.prod(window)
+    flat = kernel.reshape(taps * c, f)  # tap-major, as P's last two axes
+
+    def product(x, flat, pads):  # [b, *S, C] -> [b, *S', F]
+        p = _patches(x, window, strides, pads, dilation)  # [b, *S', K, C]
+        return jax.lax.dot_general(p.reshape(*p.shape[:-2], -1), flat,
+                                   (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+    out = [_output_size(*a) for a in zip(x.shape[1:-1], pads, window, strides, dilation)]
+    row_bytes = math.prod(out[1:]) * taps * c * x.dtype.itemsize
+    rows = max(1, min(out[0], _CHUNK_BYTES // row_bytes))
+    chunks = -(-out[0] // rows)
+    if (taps == 1 and all(s == 1 for s in strides)  # P is x
+            or x.shape[0] * out[0] * row_bytes <= _WHOLE_P_BYTES or x.shape[0] * chunks == 1):
+        return jax.checkpoint(product, static_argnums=(2,))(x, flat, pads)
+    # The padded input holds exactly the rows of `chunks` whole chunks (extra output rows are
+    # cropped at the end; a negative high pad crops input rows no output reads).
+    span = strides[0] * (rows - 1) + dilation[0] * (window[0] - 1) + 1  # input rows per chunk
+    lo = pads[0][0]
+    hi = strides[0] * rows * (chunks - 1) + span - x.shape[1] - lo
+    zero = jnp.zeros((), x.dtype)
+    xp = jax.lax.pad(x, zero, [(0, 0, 0), (lo, hi, 0), *((a, b, 0) for a, b in pads[1:]),
+                               (0, 0, 0)])
+    unpadded = ((0, 0),) * nsp
+
+    @jax.checkpoint
+    def chunk_product(xp, flat, index):
+        image, chunk = index // chunks, index % chunks
+        xs = jax.lax.dynamic_slice(xp, (image, chunk * rows * strides[0], *(0,) * nsp),
+                                   (1, span, *xp.shape[2:]))
+        return product(xs, flat, unpadded)[0]  # [rows, *S'[1:], F]
+
+    _, y = jax.lax.scan(lambda carry, index: (carry, chunk_product(xp, flat, index)), None,
+                        jnp.arange(x.shape[0] * chunks))
+    y = y.reshape(x.shape[0], chunks * rows, *out[1:], f)
+    return y[:, :out[0]]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _patch_grad_conv(x: Array, kernel: Array, geometry: tuple) -> Array:
     """`_native(x, kernel, *geometry)` whose kernel gradient is the patch product `P^T G`.
 
-    Its JVP is `conv(dx, K) + P dK`: reverse mode transposes the first term as XLA does (the
-    input gradient) and the second into `P^T G` (the kernel gradient), forward mode and higher
-    orders work as for any JAX function."""
+    Its JVP is `conv(dx, K) + P dK` (`_patch_product`): reverse mode transposes the first term
+    as XLA does (the input gradient) and the second into `P^T G` (the kernel gradient); forward
+    mode and higher orders work as for any JAX function."""
     return _native(x, kernel, *geometry)
 
 
-@_patch_grad_conv.defjvp
 def _patch_grad_conv_jvp(geometry, primals, tangents):
     x, kernel = primals
     dx, dk = tangents
     y = _patch_grad_conv(x, kernel, geometry)
-    dy = _patch_grad_conv(dx, kernel, geometry) + _checkpointed_patch_product(x, dk, *geometry)
-    return y, dy
+    # Symbolic zeros are skipped: a gradient in `x` alone computes no kernel term, and back.
+    terms = [] if isinstance(dx, SymbolicZero) else [_patch_grad_conv(dx, kernel, geometry)]
+    if not isinstance(dk, SymbolicZero):
+        terms.append(_patch_product(x, dk, geometry))
+    return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
+
+
+_patch_grad_conv.defjvp(_patch_grad_conv_jvp, symbolic_zeros=True)
 
 
 def _cpu_planar(x: Array, kernel: Array, strides, pads, dilation, precision, mode: str) -> Array:

@@ -6,6 +6,9 @@ bfloat16, under jit and vmap. `'patches'` forces the patch product on every shap
 geometry is checked, not only those `'auto'` picks.
 """
 
+import functools
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from jaxmed.layers import Conv, conv, conv_gradient
+from jaxmed.layers import Conv, _conv, conv, conv_gradient
 from jaxmed.layers._conv import _native, _patches_pay_off
 
 CASES = [
@@ -73,6 +76,27 @@ def test_numerical_gradients_forward_and_reverse_to_second_order(case):
     with conv_gradient("patches"):
         check_grads(lambda x, k: conv(x, k, strides, padding, dilation), (x, k), order=2,
                     modes=("fwd", "rev"), atol=5e-2, rtol=5e-2, eps=1e-2)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_blocked_kernel_gradient_with_many_chunks_per_image(case, chunk_rows, monkeypatch):
+    """The kernel gradient's loop over chunks of output rows, with chunks of 1 and of 3 rows
+    (the last one partly past the output) instead of the ~4 MiB of a real layer."""
+    spatial, kernel, strides, padding, dilation = case
+    x, k = _data(spatial, kernel)
+    pads = _pads(x, k, strides, padding, dilation)
+    native = functools.partial(_native, strides=strides, pads=pads, dilation=dilation,
+                               precision=None)
+    out = jax.eval_shape(native, x, k).shape
+    # One row of `P` of the 2-D convolution `_kernel_gradient` sees (3-D: depth-folded).
+    rest = out[2:-1] if len(spatial) < 3 else out[3:-1]
+    monkeypatch.setattr(_conv, "_CHUNK_BYTES", chunk_rows * math.prod(rest) * k[..., 0].size * 4)
+    monkeypatch.setattr(_conv, "_WHOLE_P_BYTES", 0)
+    reference = jax.grad(_loss(native), 1)(x, k)
+    with conv_gradient("patches"):
+        got = jax.jit(jax.grad(_loss(lambda x, k: conv(x, k, strides, padding, dilation)), 1))(x, k)
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_penalty_grad_of_grad_equals_xla():
@@ -147,11 +171,14 @@ def test_auto_uses_the_patch_product_only_where_measured_faster():
     assert picks((2, 64, 64, 256), (1, 1, 256, 512), strides=(2, 2))  # downsampling 1x1
     assert picks((4, 56, 56, 256), (3, 3, 256, 256))  # VGG16 conv3
     assert picks((2, 32, 32, 512), (3, 3, 512, 512), dilation=(4, 4))  # dilated layer4
+    assert picks((4, 224, 224, 64), (3, 3, 64, 64))  # VGG16 conv1_2
+    assert picks((8, 56, 56, 64), (3, 3, 64, 64))  # ResNet-18 layer1 on tiles
+    assert picks((64, 512, 512, 64), (1, 1, 64, 64))  # P is x: no size limit
     assert not picks((2, 32, 32, 128), (3, 3, 128, 128))  # too little work: XLA is as fast
-    assert not picks((8, 56, 56, 64), (3, 3, 64, 64))  # 64 channels
+    assert not picks((2, 64, 64, 64), (3, 3, 64, 64))
+    assert not picks((4, 14, 14, 512), (3, 3, 512, 512))  # 784 positions
     assert not picks((4, 224, 224, 3), (3, 3, 3, 64))  # RGB input layer
-    assert not picks((8, 128, 128, 16), (3, 3, 16, 16))  # few channels: 0.3x
-    assert not picks((64, 512, 512, 64), (1, 1, 64, 64))  # patch matrix over 1 GiB
+    assert not picks((16, 64, 64, 32), (3, 3, 32, 32))  # few channels: 0.6x
 
 
 def test_the_patch_product_is_in_the_compiled_gradient_only_on_request():
